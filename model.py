@@ -1,0 +1,408 @@
+"""GPT-2, exactly: the model, its HF-layout weight import/export, KV-cached sampling and FLOP counts.
+
+Imports only torch and the standard library. No training code lives here.
+Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights is
+a rename-free copy (plus a transpose: HF stores its linear layers as `Conv1D` with weights (in, out)).
+"""
+
+import inspect
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (learned position embeddings)
+    vocab_size: int = 50257  # real GPT-2 tokens; only these can ever be predicted
+    vocab_multiple: int = 1  # pad the embedding table to a multiple of this (128 -> 50304) for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+
+# the OpenAI releases, as HF names them
+PRETRAINED = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to `max_len`."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already stored (advanced by GPT.forward after all layers ran)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H, t, D) and return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_out = True  # scaled at init, see GPT._init_weights
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Attending from the last new positions to everything cached needs no mask when T == 1; a prefill
+        # (cache empty) is the usual causal case. Other shapes are not produced by generate().
+        causal = True
+        if cache is not None:
+            assert T == 1 or cache.pos == 0, "KV cache supports a prefill then one token at a time"
+            k, v = cache.update(layer, k, v)
+            causal = T > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # flash attention on GPU
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_out = True
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    loss_chunk_elements = 2**24  # logits per chunk of the training loss (64 MB in fp32)
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
+        # 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth (two per block).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_out", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). non_embedding drops the position table, which does no matmul."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden(self, idx, cache: KVCache | None = None):
+        """Final-LayerNorm hidden states (B, T, n_embd) for token ids idx (B, T)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def logits(self, h):
+        """LM-head logits; padded vocabulary ids get -inf so they carry exactly zero probability."""
+        logits = self.lm_head(h)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits[..., self.config.vocab_size :] = float("-inf")
+        return logits
+
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """Returns (logits, loss). With return_logits=False (training) only the mean loss is computed,
+        chunk by chunk, so the full (B*T, vocab) logits and their gradient are never held in memory."""
+        h = self.hidden(idx)
+        if not return_logits:
+            assert targets is not None, "return_logits=False needs targets"
+            args = (h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
+            chunk_rows = max(1, self.loss_chunk_elements // self.config.padded_vocab_size)
+            if torch.is_grad_enabled():
+                return None, ChunkedLMHeadLoss.apply(*args, chunk_rows)
+            return None, chunked_cross_entropy(*args, chunk_rows, with_grad=False)[0]
+        logits = self.logits(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
+        """Extend idx (B, T) by max_new_tokens tokens. temperature 0 is greedy. The prompt is run once
+        (prefill) and each new token costs a single position thanks to the KV cache."""
+        B, T = idx.shape
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype)
+        if torch.is_autocast_enabled(idx.device.type):
+            cache.k, cache.v = (t.to(torch.get_autocast_dtype(idx.device.type)) for t in (cache.k, cache.v))
+        out, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            logits = self.logits(self.hidden(step_input, cache)[:, -1, :]).float()
+            step_input = sample_next(logits, temperature, top_k, generator)
+            out = torch.cat((out, step_input), dim=1)
+        return out
+
+    # ------------------------------------------------------------------ optimization and FLOPs
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, eps: float, device_type: str):
+        """AdamW with weight decay on matrices (incl. the embedding) only; fused kernel where available."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls of forward+backward (N without the position table)
+        plus 12*L*C*T for attention scores and values (counted un-masked, the usual convention)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+    # ------------------------------------------------------------------ HF-layout weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, vocab_multiple: int = 1) -> "GPT":
+        """OpenAI GPT-2 weights in the HF layout: a directory written by transformers' save_pretrained
+        (or by export_hf), or a hub name such as 'gpt2' (needs transformers and internet)."""
+        if os.path.isdir(name_or_dir):
+            with open(os.path.join(name_or_dir, "config.json")) as f:
+                hf = json.load(f)
+            sd = _read_hf_state_dict(name_or_dir)
+        else:
+            if name_or_dir not in PRETRAINED:
+                raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {sorted(PRETRAINED)}")
+            from transformers import GPT2LMHeadModel  # optional dependency, only for hub downloads
+
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            hf, sd = hf_model.config.to_dict(), hf_model.state_dict()
+        config = GPTConfig(
+            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple,
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        )
+        model = cls(config)
+        model.load_hf_state_dict(sd)
+        return model
+
+    def load_hf_state_dict(self, sd: dict):
+        ours = self.state_dict()
+        for key, value in sd.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers of old HF versions; the head is tied to wte
+            if key not in ours:
+                raise KeyError(f"unexpected key in GPT-2 checkpoint: {key}")
+            value = value.t() if key.endswith(_CONV1D) else value
+            target = ours[key]
+            if key == "transformer.wte.weight":  # padded rows stay zero: they are never predicted
+                target = target[: value.shape[0]]
+                ours[key][value.shape[0] :].zero_()
+            if target.shape != value.shape:
+                raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+
+    def export_hf(self, out_dir: str):
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
+        c = self.config
+        sd = {}
+        for key, value in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue
+            value = value.detach().float().cpu()
+            if key == "transformer.wte.weight":
+                value = value[: c.vocab_size]
+            sd[key] = (value.t() if key.endswith(_CONV1D) else value).contiguous()
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None,
+            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        }
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        _write_safetensors(sd, os.path.join(out_dir, "model.safetensors"))
+
+
+def sample_next(logits, temperature: float, top_k: int | None, generator=None):
+    """Next token ids (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def chunked_cross_entropy(h, weight, targets, vocab: int, chunk_rows: int, with_grad: bool):
+    """Mean cross-entropy of logits h @ weight.T (only the first `vocab` columns can be predicted), computed
+    chunk_rows rows at a time. With with_grad, also returns d(loss)/dh and d(loss)/dweight, computed
+    right there from the chunk's softmax, so no (N, vocab) tensor ever exists."""
+    n = h.shape[0]
+    loss = torch.zeros((), device=h.device, dtype=torch.float32)
+    grad_h = torch.empty_like(h) if with_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+    for s in range(0, n, chunk_rows):
+        hc, tc = h[s : s + chunk_rows], targets[s : s + chunk_rows]
+        logits = (hc @ weight.t()).float()  # a bf16 matmul under autocast; softmax always in fp32
+        logits[:, vocab:] = float("-inf")
+        lse = torch.logsumexp(logits, dim=1)
+        loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n
+            dlogits = torch.exp_(logits.sub_(lse[:, None]))
+            dlogits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+            dlogits.div_(n)
+            grad_h[s : s + chunk_rows] = dlogits @ weight  # autocast casts these matmuls too
+            grad_w += dlogits.t() @ hc
+    return loss / n, grad_h, grad_w
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Autograd wrapper of chunked_cross_entropy: the gradients come out of the forward pass and the
+    backward only scales them. A small GPT's step is dominated by the vocab-sized logits; this keeps one
+    chunk of them alive at a time and never stores them for autograd."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab, chunk_rows):
+        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, vocab, chunk_rows, with_grad=True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
+# ---------------------------------------------------------------------- FLOPs and device peaks
+
+# Dense bf16 tensor-core peaks in FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+# Order matters: more specific names first.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU by name, or None when unknown (CPU, MPS, unlisted GPUs)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------- HF layout helpers
+
+# HF's GPT-2 stores these linear layers as Conv1D, weight (in, out): transposed relative to nn.Linear.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_hf_state_dict(path: str) -> dict:
+    st = os.path.join(path, "model.safetensors")
+    if os.path.exists(st):
+        return _read_safetensors(st)
+    return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+
+
+def _read_safetensors(path: str) -> dict:
+    """Minimal reader of the safetensors format (8-byte header size, JSON header, raw little-endian data),
+    so loading HF weights needs no package beyond torch."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    sd = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        buf = data[start:end]
+        sd[key] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]).clone() if buf else torch.empty(info["shape"], dtype=dtype)
+    return sd
+
+
+def _write_safetensors(sd: dict, path: str):
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for key, t in sd.items():
+        blob = t.numpy().tobytes()
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # align the data section
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+    os.replace(tmp, path)
