@@ -136,10 +136,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (tied weights once). non_embedding drops the position table, which does no matmul."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+    def num_params(self) -> int:
+        """Parameter count, tied weights once."""
+        return sum(p.numel() for p in self.parameters())
 
     def hidden(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm hidden states (B, T, n_embd) for token ids idx (B, T)."""
@@ -207,10 +206,12 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the matmuls of forward+backward (N without the position table)
-        plus 12*L*C*T for attention scores and values (counted un-masked, the usual convention)."""
+        """Training FLOPs per token, the usual 6N + 12*L*C*T: 2 (multiply-add) x 3 (forward, and backward
+        for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked).
+        N counts matmul weights only: the position table, biases and norms do no matmul."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - self.transformer.wpe.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
     # ------------------------------------------------------------------ HF-layout weights
 
