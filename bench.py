@@ -1,0 +1,118 @@
+"""Throughput of a training step (forward + backward + AdamW) and of the data loader alone.
+
+    python bench.py --preset tiny --device cpu
+    python bench.py --preset gpt2-124m --batch-size 64 --compile 1       # one GPU, bf16
+
+Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
+without torch.compile, after warm-up steps; then the loader's batches/s, to show the GPU never waits on data.
+"""
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, peak_flops
+from train_gpt2 import PRESETS, TrainConfig
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device.type)
+    step_model = torch.compile(model) if use_compile else model
+    # a few different batches, so no step reuses the last one's inputs from cache
+    batches = [torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), device=device) for _ in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = step_model(batch[:, :-1], batch[:, 1:], return_logits=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tok_per_s = cfg.batch_size * cfg.seq_len / dt
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    return {
+        "compile": use_compile, "step_ms": dt * 1000, "tok_per_s": tok_per_s, "loss": loss.item(),
+        "mfu": model.flops_per_token(cfg.seq_len) * tok_per_s / peak if peak else None,
+        "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def bench_loader(cfg: TrainConfig, device, data_dir: str | None, seconds: float = 3.0) -> float:
+    """Batches/s of ShardLoader.next_batch including the copy to the device. Without --data-dir it reads
+    shards built from random tokens in a temporary folder (the loader's speed does not depend on text)."""
+    from dataloader import ShardLoader
+    from fineweb_edu import write_synthetic_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            data_dir = tmp
+            write_synthetic_shards(tmp, n_tokens=8 * cfg.batch_size * cfg.seq_len + 1, shard_size=4 * cfg.batch_size * cfg.seq_len + 1)
+        loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, device=device)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            x, y = loader.next_batch()
+            n += 1
+        sync(device)
+        return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--compile", default="both", choices=["0", "1", "both"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--data-dir", help="time the loader on these shards (default: temporary random shards)")
+    args = parser.parse_args(argv)
+
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
+    cfg = dataclasses.replace(TrainConfig(**PRESETS[args.preset]), **overrides)
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    print(f"{args.preset}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
+          f"{label} | {dtype} | torch {torch.__version__}")
+    for use_compile in {"0": [False], "1": [True], "both": [False, True]}[args.compile]:
+        r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup)
+        print(f"compile {int(use_compile)}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
+              + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
+    bps = bench_loader(cfg, device, args.data_dir)
+    print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s (B {cfg.batch_size}, T {cfg.seq_len})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Pretrain GPT-2 on pre-tokenized shards (see fineweb_edu.py).
+
+    python train_gpt2.py --preset tiny                      # one device: CUDA, MPS or CPU
+    torchrun --nproc-per-node=8 train_gpt2.py               # 8 GPUs, GPT-2 124M on FineWeb-Edu 10B
+
+Every TrainConfig field is a flag (`--max-steps 100`); `--preset` picks the defaults they override.
+A run lives in logs/<run-name>/: config.json, metrics.jsonl, log.txt and checkpoints. Re-running the same
+command continues from the latest checkpoint (spot instances: SIGTERM saves one and exits cleanly).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dataloader import DataError, ShardLoader
+from model import GPT, GPTConfig, peak_flops
+
+
+@dataclass
+class TrainConfig:
+    # data and run
+    data_dir: str = "data/fineweb_edu"
+    log_dir: str = "logs"
+    run_name: str = ""  # default: the preset's name
+    resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
+    # model (GPTConfig fields; block_size = seq_len)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_multiple: int = 128  # 50257 -> 50304 rows: faster matmuls; padded ids are never predicted
+    # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world_size * accumulation
+    batch_size: int = 64
+    seq_len: int = 1024
+    total_batch_size: int = 524_288
+    # optimizer and schedule (GPT-3 small hyper-parameters)
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio at max_steps
+    warmup_steps: int = 715
+    max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
+    stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
+    val_every: int = 250
+    val_tokens: int = 10_485_760  # the same first val tokens every time
+    hellaswag_every: int = 250
+    hellaswag_data: str = "val"  # split to download, or a local .jsonl
+    hellaswag_limit: int = 0  # 0: all 10,042 examples
+    sample_every: int = 1000
+    sample_prompt: str = "Hello, I'm a language model,"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    # system
+    device: str = "auto"  # auto: cuda > mps > cpu
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere (bfloat16 is faster on most CPUs too)
+    compile: str = "auto"  # torch.compile: auto = on for CUDA; 1 / 0
+    seed: int = 1337
+
+
+PRESETS = {
+    "gpt2-124m": {},
+    # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
+    "tiny": dict(
+        data_dir="data/fineweb_edu_tiny", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
+        total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=500, val_every=50, val_tokens=65_536,
+        hellaswag_every=0, sample_every=250, checkpoint_every=250,
+    ),
+}
+
+# Fields that decide which tokens are seen and what the optimizer does: a resumed run must not change them.
+RESUME_MUST_MATCH = (
+    "data_dir", "n_layer", "n_head", "n_embd", "vocab_multiple", "seq_len", "total_batch_size", "max_lr",
+    "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
+)
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=None)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})
+    cfg.run_name = cfg.run_name or args.preset
+    return cfg, args.preset
+
+
+# ---------------------------------------------------------------------- distributed and device set-up
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (multi-node too); plain `python` runs one process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device(device))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
+    # CPU ranks share the machine's cores instead of each spawning one thread per core
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("gloo")
+    return Dist(rank, local_rank, world, torch.device(device))
+
+
+class RunLog:
+    """Rank 0 appends to metrics.jsonl (one JSON object per event) and log.txt; other ranks stay quiet."""
+
+    def __init__(self, run_dir: str, master: bool):
+        self.master = master
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
+        self.text = open(os.path.join(run_dir, "log.txt"), "a") if master else None
+
+    def print(self, msg: str):
+        if self.master:
+            print(msg, flush=True)
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def event(self, kind: str, step: int, tokens: int, elapsed: float, **values):
+        if self.master:
+            record = {"kind": kind, "step": step, "tokens": tokens, "time": round(elapsed, 3), **values}
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to max_lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_paths(run_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+
+
+def save_checkpoint(run_dir: str, state: dict, keep: int):
+    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact."""
+    path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    for old in checkpoint_paths(run_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        if not os.path.isfile(cfg.resume):
+            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint file")
+        return cfg.resume
+    paths = checkpoint_paths(run_dir)
+    return paths[-1] if paths else None
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}"
+            for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
+                         + "\nPass the original values, or start a new run with --run-name NAME (or --resume never).")
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def val_loss(model, loader: ShardLoader, batches: int, autocast, d: Dist) -> float:
+    model.eval()
+    loader.reset()  # the same val tokens every time
+    total = torch.zeros((), device=d.device)
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        with autocast:
+            total += model(x, y, return_logits=False)[1].float()
+    model.train()
+    if d.world_size > 1:
+        dist.all_reduce(total)
+    return total.item() / (batches * d.world_size)
+
+
+@torch.no_grad()
+def samples(raw_model: GPT, prompt: str, seed: int, device, autocast, count=4, tokens=32) -> list[str]:
+    """A few continuations of a fixed prompt with a fixed seed (through the uncompiled module: the KV
+    cache's changing shapes would make a compiled graph recompile every token)."""
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    idx = torch.tensor([enc.encode(prompt)] * count, device=device)
+    tokens = min(tokens, raw_model.config.block_size - idx.shape[1])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    raw_model.eval()
+    with autocast:
+        out = raw_model.generate(idx, tokens, temperature=1.0, top_k=50, generator=gen)
+    raw_model.train()
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class StopRequest:
+    """SIGTERM (spot reclaim) or a first Ctrl-C: finish the step, checkpoint, exit 0. A second Ctrl-C kills."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, preset: str) -> dict:
+    d = setup_distributed(cfg.device)
+    tokens_per_micro = cfg.batch_size * cfg.seq_len * d.world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        raise SystemExit(f"--total-batch-size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
+                         f"world_size = {cfg.batch_size} * {cfg.seq_len} * {d.world_size}: change one of them")
+    grad_accum = cfg.total_batch_size // tokens_per_micro
+    stop_step = cfg.stop_at or cfg.max_steps
+    try:  # fail on missing or broken data before any other work
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
+        val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    val_batches = max(1, cfg.val_tokens // tokens_per_micro)
+
+    run_dir = os.path.join(cfg.log_dir, cfg.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    log = RunLog(run_dir, d.master)
+    resume_path = find_resume_checkpoint(cfg, run_dir)
+    ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+    if ckpt is not None:
+        check_resume_config(cfg, ckpt["config"], resume_path)
+    if d.master:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+
+    device_type = d.device.type
+    dtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    raw_model = GPT(model_cfg).to(d.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    step, elapsed_before = 0, 0.0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
+        log.print(f"resumed from {resume_path} at step {step}")
+        del ckpt
+    resumed_at = step if resume_path else -1
+    model = torch.compile(raw_model) if use_compile else raw_model  # eval and HellaSwag run compiled too
+    train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
+
+    hellaswag_examples = None
+    if cfg.hellaswag_every:
+        import hellaswag
+
+        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if device_type == "cuda" and dtype == torch.bfloat16 else None
+    log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {dtype} | compile {use_compile} "
+              f"| grad accumulation {grad_accum} | {val_batches} val batches")
+
+    stop = StopRequest()
+    t_start = time.time()
+    elapsed = lambda: elapsed_before + time.time() - t_start
+    tokens = lambda: step * cfg.total_batch_size
+    result = {}
+    while True:
+        last = step == stop_step
+        due = lambda every: every > 0 and (step % every == 0 or last) and step != resumed_at
+        if due(cfg.val_every):
+            result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
+            log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
+            log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
+        if due(cfg.hellaswag_every):
+            hs = hellaswag.evaluate(model, hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
+                                    autocast_dtype=dtype if dtype != torch.float32 else None)
+            result["hellaswag"] = hs["acc_norm"]
+            log.event("hellaswag", step, tokens(), elapsed(), acc=hs["acc"], acc_norm=hs["acc_norm"], count=hs["count"])
+            log.print(f"step {step:6d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['count']} examples)")
+        if due(cfg.sample_every) and d.master:
+            texts = samples(raw_model, cfg.sample_prompt, cfg.seed, d.device, autocast)
+            log.event("sample", step, tokens(), elapsed(), samples=texts)
+            log.print("\n".join(f"sample: {t!r}" for t in texts))
+        if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stop.requested):
+            if d.master:
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
+                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}
+                log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
+            if d.world_size > 1:
+                dist.barrier()
+        if last or stop.requested:
+            break
+
+        # ---- one optimizer step: grad_accum micro-steps, gradients all-reduced on the last one only
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(grad_accum):
+            x, y = train_loader.next_batch()
+            sync = contextlib.nullcontext() if micro == grad_accum - 1 or d.world_size == 1 else train_model.no_sync()
+            with sync:
+                with autocast:
+                    _, loss = train_model(x, y, return_logits=False)
+                (loss / grad_accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        # one all-reduce carries the loss and every rank's stop request, so all ranks stop at the same step
+        stats = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), device=d.device)])
+        if d.world_size > 1:
+            dist.all_reduce(stats)
+        train_loss, stop.requested = stats[0].item() / d.world_size, bool(stats[1].item())
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
+            raise SystemExit(f"step {step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; stopping "
+                             f"without saving. Checkpoints in {run_dir} are untouched: lower --max-lr or check the data, "
+                             f"then re-run to resume from the last one.")
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+        tok_per_s = cfg.total_batch_size / dt
+        mfu = flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
+        mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if device_type == "cuda" else None
+        result["train_loss"] = train_loss
+        log.event("train", step, tokens(), elapsed(), loss=train_loss, lr=lr, grad_norm=grad_norm.item(),
+                  dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu, mem_gb=mem)
+        log.print(f"step {step:6d} | loss {train_loss:.6f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
+                  f"{dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                  + (f" | {mem:.1f} GiB" if mem else ""))
+
+    stop.restore()
+    if d.world_size > 1:
+        dist.destroy_process_group()
+    return {"step": step, **result}
+
+
+def main(argv=None) -> dict:
+    cfg, preset = parse_config(argv)
+    return train(cfg, preset)
+
+
+if __name__ == "__main__":
+    main()
