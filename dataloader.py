@@ -1,0 +1,209 @@
+"""Token shards -> (x, y) training batches, plus the one place that reads and checks a shard folder.
+
+A shard folder (built by fineweb_edu.py) holds uint16 `.npy` token shards and `manifest.json`, which
+lists every shard (file, split, tokens, docs, sha256). `ShardLoader` memory-maps the shards of one
+split and serves batches for one rank of a data-parallel run; its state (shard, pos, epoch) restores
+exactly. Check a folder by hand with `python dataloader.py DIR [--verify]`.
+
+torch is imported inside ShardLoader only: fineweb_edu.py imports the manifest helpers below, and the
+tokenizer CLI should neither pay torch's import time nor need torch installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "manifest.json"
+SPLITS = ("val", "train")
+MANIFEST_KEYS = ("source", "txt_docs", "tokenizer", "dtype", "shard_size", "max_tokens", "complete", "shards")
+SHARD_KEYS = ("file", "split", "tokens", "docs", "sha256", "resume_doc", "resume_offset")
+OFFLINE_HINT = "offline or small: add `--source path/to/text.txt --txt-docs paragraphs --shard-size 100000`"
+
+
+class DataError(Exception):
+    """A shard folder that is missing, unfinished, corrupt or does not match its manifest."""
+
+
+def build_command(data_dir: str | Path, manifest: dict | None = None) -> str:
+    """The fineweb_edu.py command line that (re)builds `data_dir`, with the manifest's settings if known."""
+    args = ["python", "fineweb_edu.py", "--out", str(data_dir)]
+    if manifest is not None:
+        args += ["--source", manifest["source"], "--shard-size", str(manifest["shard_size"])]
+        if manifest["txt_docs"] != "file":
+            args += ["--txt-docs", manifest["txt_docs"]]
+        if manifest["max_tokens"] is not None:
+            args += ["--max-tokens", str(manifest["max_tokens"])]
+    return shlex.join(args)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _start_over(data_dir: str | Path) -> str:
+    return f"delete {data_dir} and rebuild it with `{build_command(data_dir)}`"
+
+
+def load_manifest(data_dir: str | Path) -> dict | None:
+    """The folder's manifest, finished or not; None if there is none yet."""
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        missing += sorted({k for s in manifest["shards"] for k in SHARD_KEYS if k not in s})
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path} is not a valid manifest ({e}); {_start_over(data_dir)}")
+    if missing:
+        raise DataError(f"{path} lacks {missing}; {_start_over(data_dir)}")
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a finished build, or a DataError that says how to build one."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"no data folder {data_dir}: build it with `{build_command(data_dir)}` "
+                        f"(FineWeb-Edu from the Hugging Face hub); {OFFLINE_HINT}")
+    manifest = load_manifest(data_dir)
+    if manifest is None:
+        raise DataError(f"no {MANIFEST} in {data_dir}: build it with `{build_command(data_dir)}`; {OFFLINE_HINT}")
+    if not manifest["complete"]:
+        raise DataError(f"{data_dir} holds an unfinished build: finish it with "
+                        f"`{build_command(data_dir, manifest)}` (it resumes)")
+    return manifest
+
+
+def check_shard(data_dir: str | Path, entry: dict, manifest: dict, verify: bool = False) -> Path:
+    """Path of a manifest shard after checking its .npy header and size (and its sha256 if `verify`)."""
+    path = Path(data_dir) / entry["file"]
+    fix = f"re-run `{build_command(data_dir, manifest)}`: it keeps the good shards and rebuilds from this one"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version != (1, 0):  # the version np.save writes for a 1-D uint16 array
+                raise ValueError(f"format version {version}, expected (1, 0)")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            data_start = f.tell()
+            size = f.seek(0, 2)
+    except FileNotFoundError:
+        raise DataError(f"shard {path} is missing; {fix}") from None
+    except ValueError as e:
+        raise DataError(f"shard {path} has no readable .npy header ({e}); {fix}") from None
+    if dtype != np.dtype(manifest["dtype"]) or fortran or shape != (entry["tokens"],):
+        raise DataError(f"shard {path} holds {dtype} {shape}, the manifest says {manifest['dtype']} "
+                        f"({entry['tokens']},); {fix}")
+    expected = data_start + entry["tokens"] * dtype.itemsize
+    if size != expected:
+        raise DataError(f"shard {path} is {size} bytes, not {expected} (truncated or overwritten); {fix}")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt); {fix}")
+    return path
+
+
+class ShardLoader:
+    """Batches of one split for rank `rank` of `world_size`, read from memory-mapped shards.
+
+    Each step the ranks together read one window of B*T*W + 1 tokens at `pos`; rank r takes B*T + 1 of
+    them at pos + r*B*T, so W ranks see exactly the rows of a single-rank batch of W*B. A window that
+    would run past the shard's end moves to the next shard; after the last one the split starts over
+    (epoch += 1). The tail of each shard shorter than a window is skipped.
+
+    Shard headers and sizes are checked against the manifest on construction; verify=True also checks each
+    shard's sha256, which reads every shard of the split once.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", verify: bool = False):
+        import torch
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
+            raise ValueError("need batch_size, seq_len >= 1 and 0 <= rank < world_size, "
+                             f"got {batch_size=} {seq_len=} {rank=} {world_size=}")
+        manifest = read_manifest(data_dir)
+        entries = [s for s in manifest["shards"] if s["split"] == split]
+        if not entries:
+            raise DataError(f"{data_dir} has no {split} shard: the whole source fitted into the val shard. Rebuild "
+                            f"it with a smaller --shard-size, and split a single .txt file with --txt-docs paragraphs "
+                            f"(was: `{build_command(data_dir, manifest)}`)")
+        self.paths = [check_shard(data_dir, s, manifest, verify) for s in entries]
+        self.sizes = [s["tokens"] for s in entries]
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.window = batch_size * seq_len * world_size  # tokens all ranks consume per step (+1 for the targets)
+        if max(self.sizes) < self.window + 1:
+            raise ValueError(f"the {split} shards of {data_dir} hold at most {max(self.sizes)} tokens, fewer than one "
+                             f"step needs (batch_size*seq_len*world_size + 1 = {self.window + 1}); lower batch_size or "
+                             "seq_len, or rebuild with a larger --shard-size")
+        self.device = torch.device(device)
+        self._tokens: np.ndarray | None = None  # memory map of shard self._open
+        self._open = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.shard, self.pos, self.epoch = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        shard, pos, epoch = (int(state[k]) for k in ("shard", "pos", "epoch"))
+        if not (0 <= shard < len(self.paths) and pos >= 0 and epoch >= 0):
+            raise ValueError(f"loader state {state} does not fit this split's {len(self.paths)} shards")
+        self.shard, self.pos, self.epoch = shard, pos, epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        while self.pos + self.window + 1 > self.sizes[self.shard]:
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.paths):
+                self.shard, self.epoch = 0, self.epoch + 1
+        if self._open != self.shard:
+            self._tokens, self._open = np.load(self.paths[self.shard], mmap_mode="r"), self.shard
+        start = self.pos + self.rank * self.B * self.T
+        buf = torch.from_numpy(self._tokens[start : start + self.B * self.T + 1].astype(np.int64))
+        self.pos += self.window
+        if self.device.type == "cuda":
+            # page-locked host memory lets the copy overlap with the GPU work that is still queued
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        else:
+            buf = buf.to(self.device)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Check a shard folder built by fineweb_edu.py.")
+    parser.add_argument("data_dir")
+    parser.add_argument("--verify", action="store_true", help="also compare every shard's sha256 with the manifest")
+    args = parser.parse_args()
+    try:
+        manifest = read_manifest(args.data_dir)
+        for entry in manifest["shards"]:
+            check_shard(args.data_dir, entry, manifest, verify=args.verify)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    for split in SPLITS:
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        tokens, docs = sum(s["tokens"] for s in shards), sum(s["docs"] for s in shards)
+        print(f"{split}: {len(shards)} shards, {tokens:,} tokens, {docs:,} documents")
+    print(f"OK: {args.data_dir} ({'sha256 verified' if args.verify else 'headers and sizes; add --verify for sha256'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""dataloader.ShardLoader: batches against the raw shards, ranks partition the single-rank batch, exact
+save/restore, and clear errors for missing, unfinished and damaged shard folders."""
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fineweb_edu
+from dataloader import DataError, ShardLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = 4000
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shakespeare_path) -> Path:
+    """Shakespeare's paragraphs in 4000-token shards: val, 6 full train shards and a 40-token last one."""
+    out = tmp_path_factory.mktemp("shards")
+    val = fineweb_edu.build(str(shakespeare_path), out, SHARD, max_tokens=SHARD, workers=1, txt_docs="paragraphs")
+    total = val["totals"]["val"]["tokens"] + 6 * SHARD + 40
+    fineweb_edu.build(str(shakespeare_path), out, SHARD, max_tokens=total, workers=1, txt_docs="paragraphs")
+    return out
+
+
+def shards(data_dir: Path, split: str) -> list[np.ndarray]:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return [np.load(data_dir / s["file"]) for s in manifest["shards"] if s["split"] == split]
+
+
+def windows(arrays: list[np.ndarray], size: int):
+    """The spec, written out: consecutive windows of size+1 tokens per shard, the shard's tail skipped, forever."""
+    while True:
+        for tokens in arrays:
+            for pos in range(0, len(tokens) - size, size):
+                yield torch.from_numpy(tokens[pos : pos + size + 1].astype(np.int64))
+
+
+def test_fixture_layout(data_dir):
+    assert [len(t) for t in shards(data_dir, "train")] == [SHARD] * 6 + [40]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_the_single_rank_batch(data_dir, world_size):
+    B, T = 2, 16
+    single = ShardLoader(data_dir, "train", world_size * B, T)
+    ranks = [ShardLoader(data_dir, "train", B, T, rank=r, world_size=world_size) for r in range(world_size)]
+    window = world_size * B * T
+    per_epoch = sum(len(range(0, len(t) - window, window)) for t in shards(data_dir, "train"))
+    for step, expected in enumerate(islice(windows(shards(data_dir, "train"), window), per_epoch + 50)):
+        x, y = single.next_batch()
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (world_size * B, T)
+        assert torch.equal(x, expected[:-1].view(-1, T)) and torch.equal(y, expected[1:].view(-1, T))
+        parts = [r.next_batch() for r in ranks]
+        # rank r holds rows r*B .. (r+1)*B-1: together exactly the single-rank batch, nothing twice
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert all(p[0].shape == (B, T) for p in parts)
+    assert single.epoch == 1 and all(r.state_dict() == single.state_dict() for r in ranks)
+
+
+def test_state_dict_restores_exactly(data_dir):
+    def loader():
+        return ShardLoader(data_dir, "train", 3, 8, rank=1, world_size=2)
+
+    first, states, batches = loader(), [], []
+    for _ in range(520):  # 83 steps per 4000-token shard, 498 per epoch: crosses shard ends and the epoch wrap
+        states.append(first.state_dict())
+        batches.append(first.next_batch())
+    assert first.epoch == 1
+    for k in (0, 1, 82, 83, 84, 249, 497, 498, 510):
+        state = json.loads(json.dumps(states[k]))  # plain ints survive JSON
+        assert all(type(v) is int for v in states[k].values())
+        restored = loader()
+        restored.load_state_dict(state)
+        for x, y in batches[k : k + 5]:
+            rx, ry = restored.next_batch()
+            assert torch.equal(rx, x) and torch.equal(ry, y)
+    with pytest.raises(ValueError, match="does not fit"):
+        loader().load_state_dict({"shard": 99, "pos": 0, "epoch": 0})
+
+
+def test_val_reset_repeats_the_same_batches(data_dir):
+    val = ShardLoader(data_dir, "val", 4, 32)
+    expected = list(islice(windows(shards(data_dir, "val"), 4 * 32), 5))
+    for _ in range(2):
+        for window in expected:
+            x, y = val.next_batch()
+            assert torch.equal(x, window[:-1].view(4, 32)) and torch.equal(y, window[1:].view(4, 32))
+        val.reset()
+
+
+def test_batch_larger_than_shard(data_dir):
+    with pytest.raises(ValueError, match=r"fewer than one step needs \(batch_size\*seq_len\*world_size \+ 1 = 65537\)"):
+        ShardLoader(data_dir, "train", 64, 1024)
+
+
+def test_missing_folder_says_how_to_build(tmp_path):
+    with pytest.raises(DataError, match=r"no data folder .*`python fineweb_edu.py --out .*`.*--source path/to/text.txt"):
+        ShardLoader(tmp_path / "nope", "train", 2, 8)
+    with pytest.raises(DataError, match=r"no manifest.json in .*python fineweb_edu.py"):
+        ShardLoader(tmp_path, "train", 2, 8)
+
+
+def test_truncated_shard_names_file_and_rebuild_command(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    victim = copy / "input_train_000003.npy"
+    with open(victim, "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(DataError) as err:
+        ShardLoader(copy, "train", 2, 8)
+    message = str(err.value)
+    assert str(victim) in message and "truncated" in message
+    command = re.search(r"`(python fineweb_edu.py --out [^`]*)`", message).group(1)
+
+    # the command it names repairs the folder
+    run = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert victim.read_bytes() == (data_dir / victim.name).read_bytes()
+    repaired, original = ShardLoader(copy, "train", 2, 8), ShardLoader(data_dir, "train", 2, 8)
+    assert torch.equal(repaired.next_batch()[0], original.next_batch()[0])
+
+
+def test_damaged_header_manifest_and_checksum(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shard = copy / "input_train_000002.npy"
+    original = shard.read_bytes()
+
+    shard.write_bytes(b"not an npy file" + original[15:])
+    named = f"shard {re.escape(str(shard))}"
+    with pytest.raises(DataError, match=rf"{named} has no readable .npy header.*python fineweb_edu.py --out"):
+        ShardLoader(copy, "train", 2, 8)
+
+    flipped = bytearray(original)
+    flipped[-3] ^= 0x10
+    shard.write_bytes(bytes(flipped))
+    ShardLoader(copy, "train", 2, 8)  # size and header are fine: only the full check can tell
+    with pytest.raises(DataError, match=rf"{named} does not match its sha256"):
+        ShardLoader(copy, "train", 2, 8, verify=True)
+    verify = [sys.executable, "dataloader.py", "--verify", str(copy)]
+    run = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode != 0 and str(shard) in run.stderr and "Traceback" not in run.stderr
+    shard.write_bytes(original)
+    run = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][2]["tokens"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"{named} holds uint16 \(4000,\), the manifest says uint16 \(4001,\)"):
+        ShardLoader(copy, "train", 2, 8)
+    manifest["complete"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="unfinished build: finish it with `python fineweb_edu.py --out"):
+        ShardLoader(copy, "train", 2, 8)
+
+
+def test_source_without_train_split(tmp_path, shakespeare_path):
+    fineweb_edu.build(str(shakespeare_path), tmp_path, 100_000, workers=1)  # one document: all of it is val
+    with pytest.raises(DataError, match="no train shard.*--txt-docs paragraphs"):
+        ShardLoader(tmp_path, "train", 2, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_match_cpu(data_dir):
+    gpu, cpu = ShardLoader(data_dir, "train", 4, 64, device="cuda"), ShardLoader(data_dir, "train", 4, 64)
+    for _ in range(20):
+        (gx, gy), (cx, cy) = gpu.next_batch(), cpu.next_batch()
+        assert gx.device.type == "cuda" and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
