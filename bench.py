@@ -9,6 +9,7 @@ without torch.compile, after warm-up steps; then the loader's batches/s, to show
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import tempfile
 import time
@@ -27,11 +28,12 @@ def sync(device: torch.device):
         torch.mps.synchronize()
 
 
-def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int) -> dict:
+def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int, loss_mode: str) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device.type)
+    model.loss_chunk_elements = model.loss_chunk_elements if loss_mode == "chunked" else 0
     step_model = torch.compile(model) if use_compile else model
     # a few different batches, so no step reuses the last one's inputs from cache
     batches = [torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), device=device) for _ in range(4)]
@@ -55,7 +57,7 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
     tok_per_s = cfg.batch_size * cfg.seq_len / dt
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and dtype == torch.bfloat16 else None
     return {
-        "compile": use_compile, "step_ms": dt * 1000, "tok_per_s": tok_per_s, "loss": loss.item(),
+        "compile": use_compile, "loss": loss_mode, "step_ms": dt * 1000, "tok_per_s": tok_per_s,
         "mfu": model.flops_per_token(cfg.seq_len) * tok_per_s / peak if peak else None,
         "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -63,14 +65,18 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
 
 def bench_loader(cfg: TrainConfig, device, data_dir: str | None, seconds: float = 3.0) -> float:
     """Batches/s of ShardLoader.next_batch including the copy to the device. Without --data-dir it reads
-    shards built from random tokens in a temporary folder (the loader's speed does not depend on text)."""
+    shards of random words in a temporary folder (the loader's speed does not depend on the text)."""
     from dataloader import ShardLoader
-    from fineweb_edu import write_synthetic_shards
+    from fineweb_edu import build
 
     with tempfile.TemporaryDirectory() as tmp:
-        if data_dir is None:
-            data_dir = tmp
-            write_synthetic_shards(tmp, n_tokens=8 * cfg.batch_size * cfg.seq_len + 1, shard_size=4 * cfg.batch_size * cfg.seq_len + 1)
+        if data_dir is None:  # ~8 batches of random words, in paragraphs of 100 words
+            data_dir, rng = tmp, np.random.default_rng(0)
+            words = np.array(["the", "model", "learns", "tokens", "fast", "GPU", "data", "never", "waits", "on"])
+            paragraphs = [" ".join(rng.choice(words, 100)) for _ in range(cfg.batch_size * cfg.seq_len // 12)]
+            with open(f"{tmp}/words.txt", "w") as f:
+                f.write("\n\n".join(paragraphs))
+            build(f"{tmp}/words.txt", tmp, shard_size=4 * cfg.batch_size * cfg.seq_len, txt_docs="paragraphs")
         loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, device=device)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -88,6 +94,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--compile", default="both", choices=["0", "1", "both"])
+    parser.add_argument("--loss", default="chunked", choices=["chunked", "full", "both"],
+                        help="chunked: no full logits (the training default off CUDA); full: logits + F.cross_entropy")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-dir", help="time the loader on these shards (default: temporary random shards)")
@@ -106,9 +114,11 @@ def main(argv=None):
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
     print(f"{args.preset}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
           f"{label} | {dtype} | torch {torch.__version__}")
-    for use_compile in {"0": [False], "1": [True], "both": [False, True]}[args.compile]:
-        r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup)
-        print(f"compile {int(use_compile)}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
+    compiles = {"0": [False], "1": [True], "both": [False, True]}[args.compile]
+    losses = ["chunked", "full"] if args.loss == "both" else [args.loss]
+    for use_compile, loss_mode in itertools.product(compiles, losses):
+        r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup, loss_mode)
+        print(f"compile {int(use_compile)} | loss {loss_mode:7s}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
               + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
     bps = bench_loader(cfg, device, args.data_dir)
     print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s (B {cfg.batch_size}, T {cfg.seq_len})")

@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda > mps > cpu
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere (bfloat16 is faster on most CPUs too)
     compile: str = "auto"  # torch.compile: auto = on for CUDA; 1 / 0
+    chunked_loss: str = "auto"  # auto = on except on CUDA (see BENCHMARKS.md); 1 / 0
     seed: int = 1337
 
 
@@ -284,9 +285,11 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     try:  # fail on missing or broken data before any other work
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
-    except DataError as e:
+    except (DataError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    val_batches = max(1, cfg.val_tokens // tokens_per_micro)
+    # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
+    val_windows = sum((size - 1) // tokens_per_micro for size in val_loader.sizes)
+    val_batches = max(1, min(cfg.val_tokens // tokens_per_micro, val_windows))
 
     run_dir = os.path.join(cfg.log_dir, cfg.run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -312,6 +315,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     model_cfg = GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     raw_model = GPT(model_cfg).to(d.device)
+    if (cfg.chunked_loss == "auto" and device_type == "cuda") or cfg.chunked_loss == "0":
+        raw_model.loss_chunk_elements = 0
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
     step, elapsed_before = 0, 0.0
     if ckpt is not None:

@@ -145,12 +145,10 @@ def test_flops_per_token_matches_torch_flop_counter():
     model = GPT(GPTConfig(**SMALL, vocab_multiple=128))
     x = tokens(2, 64)
     with FlopCounterMode(display=False) as counter:
-        logits, _ = model(x)
-        logits.float().logsumexp(-1).sum().backward()
-    # torch counts flash attention's backward as re-computing the scores (one more T x T x C matmul per
-    # layer); MFU conventions leave that re-computation out
-    recompute = 2 * model.config.n_layer * model.config.n_embd * 64
-    assert counter.get_total_flops() == (model.flops_per_token(64) + recompute) * x.numel()
+        model(x)
+    # the convention behind 6N + 12LCT: a backward pass costs twice the forward (torch's own count of the
+    # backward varies across versions with how it counts flash attention's re-computation)
+    assert 3 * counter.get_total_flops() == model.flops_per_token(64) * x.numel()
 
 
 def test_peak_flops_table():
