@@ -185,15 +185,18 @@ def save_checkpoint(run_dir: str, state: dict, keep: int):
 
 
 def rng_state() -> dict:
+    # numpy's key array travels as a tensor so that checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -295,7 +298,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     log = RunLog(run_dir, d.master)
     resume_path = find_resume_checkpoint(cfg, run_dir)
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+    ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
     if ckpt is not None:
         check_resume_config(cfg, ckpt["config"], resume_path)
     if d.master:

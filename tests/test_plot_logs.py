@@ -88,8 +88,8 @@ def logs(tmp_path_factory):
     partial = partial[: partial.index("é".encode()) + 1]
     _write(root / "run_a" / "metrics.jsonl", [json.dumps(r).encode() + b"\n" for r in a] + [partial])
 
-    # run_b: ran to step 39, then resumed from the step-20 checkpoint and ran to step 59
-    first = _segment(rng, range(40), t0=0.0)
+    # run_b: ran to step 54, then resumed from the step-20 checkpoint and ran to step 59
+    first = _segment(rng, range(55), t0=0.0)
     for r in first:  # abandoned values that would win best-of stats if not replaced
         r.update({"loss": 1.0, "acc_norm": 0.9, "tok_per_s": 1e9} if r["step"] >= 20 else {})
     resumed = _segment(rng, range(20, 60), t0=100.0)

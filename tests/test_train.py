@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import hellaswag
 import model as model_module
 import train_gpt2
 from conftest import ROOT
+
+FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
 
 # a very small model on few tokens: these tests are about the loop, not about the model
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
@@ -102,7 +105,7 @@ def test_sigterm_checkpoints_and_resume_is_identical(shards, tmp_path):
     assert proc.returncode == 0, err.decode()[-2000:]
     ckpts = list((tmp_path / "spot").glob("ckpt_*.pt"))
     assert len(ckpts) == 1
-    stopped_at = torch.load(ckpts[0], weights_only=False)["step"]
+    stopped_at = torch.load(ckpts[0], weights_only=True)["step"]
     assert 5 <= stopped_at < 200
     # resume to a point past the interruption and compare with a run that never stopped
     subprocess.run([*cmd, "--run-name", "spot", "--stop-at", str(stopped_at + 5)], cwd=ROOT, check=True, capture_output=True)
@@ -119,7 +122,7 @@ def test_compile_runs_a_step_val_and_sample(shards, tmp_path):
     assert len(samples) == 4 and all(s.startswith("Hello, I'm a language model,") for s in samples)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch, capsys):
     run(shards, tmp_path, "--max-steps", "10", "--stop-at", "3", "--val-every", "0", "--sample-every", "0")
     ckpt = tmp_path / "run" / "ckpt_0000003.pt"
     before = ckpt.read_bytes()
@@ -136,7 +139,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch)
         run(shards, tmp_path, "--max-steps", "10", "--val-every", "0", "--sample-every", "0")
     assert [p.name for p in (tmp_path / "run").glob("ckpt_*.pt")] == ["ckpt_0000003.pt"]
     assert ckpt.read_bytes() == before
-    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    # still loadable by the standalone tools (README: hellaswag.py --checkpoint)
+    hellaswag.main(["--checkpoint", str(ckpt), "--data", str(FIXTURE), "--device", "cpu"])
+    assert "count 10" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,97 @@
+"""Examples/s of the batched HellaSwag evaluation against the plain loop of one example per forward pass.
+Random-init weights: the speed does not depend on them (and the two must agree on every prediction).
+
+    uv run python bench_hellaswag.py --data ../shared/data/hellaswag/hellaswag_val.jsonl --limit 200
+    python bench_hellaswag.py --data ../shared/data/hellaswag/hellaswag_val.jsonl --config 124m \\
+        --device cuda --dtype bfloat16 --compile --limit 0 --baseline-limit 500
+"""
+
+import argparse
+import datetime
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hellaswag
+from model import GPT, GPTConfig
+
+CONFIGS = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def one_example_per_forward(model, examples, device, autocast_dtype) -> torch.Tensor:
+    """The baseline: each example's 4 rows padded to their own longest, full-sequence cross-entropy, masked
+    to the ending. Returns the (n, 2) predictions (argmin of summed, of mean loss)."""
+    preds = []
+    for ex in examples:
+        rows = hellaswag.example_rows(ex, model.config.block_size)
+        T = max(len(tokens) for tokens, _ in rows) - 1
+        idx = torch.zeros(4, T, dtype=torch.long)
+        targets = torch.zeros(4, T, dtype=torch.long)
+        mask = torch.zeros(4, T)
+        for r, (tokens, n) in enumerate(rows):
+            idx[r, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+            targets[r, : len(tokens) - 1] = torch.tensor(tokens[1:])
+            mask[r, len(tokens) - 1 - n : len(tokens) - 1] = 1
+        idx, targets, mask = idx.to(device), targets.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(idx)[0]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(4, T)
+        sums = (losses * mask).sum(1)
+        preds.append(torch.stack([sums.argmin(), (sums / mask.sum(1)).argmin()]))
+    return torch.stack(preds).cpu()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="val", help="split name or local jsonl, as in hellaswag.py")
+    p.add_argument("--limit", type=int, default=200, help="examples for the batched run (0: all)")
+    p.add_argument("--baseline-limit", type=int, help="examples for the baseline (default: --limit; 0: skip it)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--tokens-per-batch", type=int, help="default: hellaswag's per-device default")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_multiple=128, **CONFIGS[args.config])).to(device).eval()
+    fwd = torch.compile(model) if args.compile else model
+    examples = hellaswag.load_examples(args.data, limit=args.limit or None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"{datetime.date.today()} {name} torch {torch.__version__} | {args.config} "
+          f"({model.num_params() / 1e6:.1f}M params) {args.dtype} compile={args.compile} "
+          f"tokens/batch={args.tokens_per_batch or hellaswag.DEFAULT_TOKENS_PER_BATCH.get(device.type)} "
+          f"threads={torch.get_num_threads()}")
+
+    # the first run pays for tokenization (then cached) and compilation; the second is the steady state
+    for run in ("cold", "warm"):
+        result = hellaswag.evaluate(fwd, examples, device, autocast_dtype=autocast_dtype, tokens_per_batch=args.tokens_per_batch)
+        print(f"batched {run}: {result['examples_per_s']:.1f} examples/s ({result['count']} examples)")
+
+    n = len(examples) if args.baseline_limit is None else args.baseline_limit
+    if n:
+        one_example_per_forward(fwd, examples[:2], device, autocast_dtype)  # warm-up (and compile)
+        sync(device)
+        t0 = time.perf_counter()
+        preds = one_example_per_forward(fwd, examples[:n], device, autocast_dtype)
+        sync(device)
+        baseline = n / (time.perf_counter() - t0)
+        sums, means = hellaswag.score_endings(fwd, examples[:n], device, autocast_dtype=autocast_dtype,
+                                              tokens_per_batch=args.tokens_per_batch)
+        agree = (preds == torch.stack([sums.argmin(1), means.argmin(1)], 1)).all(1).float().mean().item()
+        print(f"one example per forward: {baseline:.1f} examples/s ({n} examples); "
+              f"batched is {result['examples_per_s'] / baseline:.2f}x; predictions agree on {agree:.1%}")
+
+
+if __name__ == "__main__":
+    main()
