@@ -300,18 +300,21 @@ def chunked_cross_entropy(h, weight, targets, vocab: int, chunk_rows: int, with_
     loss = torch.zeros((), device=h.device, dtype=torch.float32)
     grad_h = torch.empty_like(h) if with_grad else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
-    for s in range(0, n, chunk_rows):
-        hc, tc = h[s : s + chunk_rows], targets[s : s + chunk_rows]
-        logits = (hc @ weight.t()).float()  # a bf16 matmul under autocast; softmax always in fp32
-        logits[:, vocab:] = float("-inf")
-        lse = torch.logsumexp(logits, dim=1)
-        loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-        if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n
-            dlogits = torch.exp_(logits.sub_(lse[:, None]))
-            dlogits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-            dlogits.div_(n)
-            grad_h[s : s + chunk_rows] = dlogits @ weight  # autocast casts these matmuls too
-            grad_w += dlogits.t() @ hc
+    # cast once for all chunks (autocast would cast the whole weight again for every matmul)
+    autocast = torch.is_autocast_enabled(h.device.type)
+    dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+    h_, w_ = h.to(dtype), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, n, chunk_rows):
+            hc, tc = h_[s : s + chunk_rows], targets[s : s + chunk_rows]
+            logits = hc @ w_.t()
+            logits[:, vocab:] = float("-inf")
+            probs = torch.softmax(logits, dim=1)  # computed in fp32, stored in the matmul dtype
+            loss -= probs.gather(1, tc[:, None]).float().log().sum()
+            if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n
+                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                grad_h[s : s + chunk_rows] = (probs @ w_) / n
+                grad_w += (probs.t() @ hc) / n
     return loss / n, grad_h, grad_w
 
 

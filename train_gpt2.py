@@ -80,8 +80,8 @@ PRESETS = {
     # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
     "tiny": dict(
         data_dir="data/fineweb_edu_tiny", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
-        total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=500, val_every=50, val_tokens=65_536,
-        hellaswag_every=0, sample_every=250, checkpoint_every=250,
+        total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=300, val_every=50, val_tokens=65_536,
+        hellaswag_every=0, sample_every=100, checkpoint_every=100,
     ),
 }
 
