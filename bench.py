@@ -1,7 +1,7 @@
 """Throughput of a training step (forward + backward + AdamW) and of the data loader alone.
 
-    python bench.py --preset tiny --device cpu
-    python bench.py --preset gpt2-124m --batch-size 64 --compile 1       # one GPU, bf16
+    python bench.py --preset tiny --device cpu --loss both            # chunked vs full-logits loss
+    python bench.py --preset gpt2-124m --batch-size 64                   # one GPU: bf16, compiled
 
 Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
 without torch.compile, after warm-up steps; then the loader's batches/s, to show the GPU never waits on data.
@@ -93,9 +93,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--compile", default="both", choices=["0", "1", "both"])
-    parser.add_argument("--loss", default="chunked", choices=["chunked", "full", "both"],
-                        help="chunked: no full logits (the training default off CUDA); full: logits + F.cross_entropy")
+    parser.add_argument("--compile", default="auto", choices=["auto", "0", "1", "both"],
+                        help="auto: as the training loop (on for CUDA only)")
+    parser.add_argument("--loss", default="auto", choices=["auto", "chunked", "full", "both"],
+                        help="chunked: no full logits; full: logits + F.cross_entropy; auto: as the training loop "
+                             "(full on CUDA, chunked elsewhere)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-dir", help="time the loader on these shards (default: temporary random shards)")
@@ -114,8 +116,9 @@ def main(argv=None):
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
     print(f"{args.preset}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
           f"{label} | {dtype} | torch {torch.__version__}")
-    compiles = {"0": [False], "1": [True], "both": [False, True]}[args.compile]
-    losses = ["chunked", "full"] if args.loss == "both" else [args.loss]
+    cuda = device.type == "cuda"
+    compiles = {"auto": [cuda], "0": [False], "1": [True], "both": [False, True]}[args.compile]
+    losses = {"auto": ["full" if cuda else "chunked"], "both": ["chunked", "full"]}.get(args.loss, [args.loss])
     for use_compile, loss_mode in itertools.product(compiles, losses):
         r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup, loss_mode)
         print(f"compile {int(use_compile)} | loss {loss_mode:7s}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"

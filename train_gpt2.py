@@ -85,6 +85,8 @@ PRESETS = {
     ),
 }
 
+PRESET_DATA = {"tiny": "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"}
+
 # Fields that decide which tokens are seen and what the optimizer does: a resumed run must not change them.
 RESUME_MUST_MATCH = (
     "data_dir", "n_layer", "n_head", "n_embd", "vocab_multiple", "seq_len", "total_batch_size", "max_lr",
@@ -289,7 +291,15 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
     except (DataError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+        hint = f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]}`" if preset in PRESET_DATA else ""
+        raise SystemExit(f"{e}{hint}") from None
+    if cfg.hellaswag_every:
+        import hellaswag
+
+        try:
+            hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise SystemExit(f"HellaSwag data: {e} (or turn the eval off with --hellaswag-every 0)") from None
     # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
     val_windows = sum((size - 1) // tokens_per_micro for size in val_loader.sizes)
     val_batches = max(1, min(cfg.val_tokens // tokens_per_micro, val_windows))
@@ -334,11 +344,6 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     model = torch.compile(raw_model) if use_compile else raw_model  # eval and HellaSwag run compiled too
     train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
 
-    hellaswag_examples = None
-    if cfg.hellaswag_every:
-        import hellaswag
-
-        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None)
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
     peak = peak_flops(torch.cuda.get_device_name(d.device)) if device_type == "cuda" and dtype == torch.bfloat16 else None
     log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")

@@ -148,6 +148,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch,
 @pytest.mark.parametrize("args,message", [
     (["--total-batch-size", "1000"], "not divisible"),
     (["--data-dir", "/nonexistent/shards"], "fineweb_edu.py"),
+    (["--hellaswag-every", "5", "--hellaswag-data", "/nonexistent/hellaswag.jsonl"], "--hellaswag-every 0"),
+    (["--seq-len", "20000"], "lower batch_size or seq_len"),
 ])
 def test_bad_flags_fail_before_work(shards, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
