@@ -55,14 +55,14 @@ def torchrun(nproc, shards, log_dir, *args, name="run"):
 
 
 def test_tiny_preset_learns_shakespeare(shards, tmp_path):
-    # measured: val loss 10.83 at step 0 and about 6.2 after 60 steps of this config (seed 1337)
+    # measured (2026-11-24, CPU, seed 1337): val loss 10.84 at step 0 and 6.63 after these 60 steps
     result = run(shards, tmp_path, "--max-steps", "60", "--val-every", "60", "--sample-every", "0",
                  "--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--seq-len", "64", "--batch-size", "8",
                  "--total-batch-size", "512", "--val-tokens", "4096")
     val = metrics(tmp_path, kind="val")
     assert [r["step"] for r in val] == [0, 60]
     assert abs(val[0]["loss"] - math.log(50257)) < 0.3
-    assert val[-1]["loss"] < 7.0
+    assert val[-1]["loss"] < 7.2  # 3.6 nats below ln(50257), 0.6 above the measured value
     assert result["val_loss"] == val[-1]["loss"]
 
 
@@ -149,7 +149,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch,
     (["--total-batch-size", "1000"], "not divisible"),
     (["--data-dir", "/nonexistent/shards"], "fineweb_edu.py"),
     (["--hellaswag-every", "5", "--hellaswag-data", "/nonexistent/hellaswag.jsonl"], "--hellaswag-every 0"),
-    (["--seq-len", "20000"], "lower batch_size or seq_len"),
+    (["--seq-len", "8192", "--total-batch-size", "32768"], "lower batch_size or seq_len"),
 ])
 def test_bad_flags_fail_before_work(shards, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
