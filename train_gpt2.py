@@ -85,6 +85,7 @@ PRESETS = {
     ),
 }
 
+CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"]}
 PRESET_DATA = {"tiny": "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"}
 
 # Fields that decide which tokens are seen and what the optimizer does: a resumed run must not change them.
@@ -98,7 +99,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=None)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=None,
+                            choices=CHOICES.get(f.name), help=f"gpt2-124m: {f.default!r}")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})
@@ -341,7 +343,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         log.print(f"resumed from {resume_path} at step {step}")
         del ckpt
     resumed_at = step if resume_path else -1
-    model = torch.compile(raw_model) if use_compile else raw_model  # eval and HellaSwag run compiled too
+    # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
+    model = torch.compile(raw_model) if use_compile else raw_model
     train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
 
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)

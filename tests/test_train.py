@@ -161,6 +161,9 @@ def test_unknown_preset_and_changed_resume_config(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_gpt2.main(["--preset", "gpt5"])
     assert "invalid choice: 'gpt5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_gpt2.main(["--dtype", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
     run(shards, tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     with pytest.raises(SystemExit, match="--n-embd: checkpoint 32, now 64"):
         run(shards, tmp_path, "--max-steps", "2", "--n-embd", "64")
