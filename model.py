@@ -310,7 +310,12 @@ def chunked_cross_entropy(h, weight, targets, vocab: int, chunk_rows: int, with_
             logits = hc @ w_.t()
             logits[:, vocab:] = float("-inf")
             probs = torch.softmax(logits, dim=1)  # computed in fp32, stored in the matmul dtype
-            loss -= probs.gather(1, tc[:, None]).float().log().sum()
+            nll = -probs.gather(1, tc[:, None]).squeeze(1).float().log()
+            underflow = torch.isinf(nll)  # a target ~88+ nats below the top logit: p underflowed, recompute exactly
+            if underflow.any():
+                rows = logits[underflow].float()
+                nll[underflow] = rows.logsumexp(1) - rows.gather(1, tc[underflow][:, None]).squeeze(1)
+            loss += nll.sum()
             if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n
                 probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
                 grad_h[s : s + chunk_rows] = (probs @ w_) / n

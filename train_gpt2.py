@@ -183,7 +183,10 @@ def save_checkpoint(run_dir: str, state: dict, keep: int):
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-    for old in checkpoint_paths(run_dir)[:-keep] if keep > 0 else []:
+    # later-step checkpoints belong to a timeline abandoned by `--resume earlier.pt`: auto-resume must not pick them
+    newer = [p for p in checkpoint_paths(run_dir) if p > path]
+    older = [p for p in checkpoint_paths(run_dir) if p <= path]
+    for old in newer + (older[:-keep] if keep > 0 else []):
         os.remove(old)
     return path
 
@@ -288,6 +291,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         raise SystemExit(f"--total-batch-size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
                          f"world_size = {cfg.batch_size} * {cfg.seq_len} * {d.world_size}: change one of them")
     grad_accum = cfg.total_batch_size // tokens_per_micro
+    if cfg.stop_at > cfg.max_steps:
+        raise SystemExit(f"--stop-at {cfg.stop_at} is past --max-steps {cfg.max_steps}, where the schedule ends")
     stop_step = cfg.stop_at or cfg.max_steps
     try:  # fail on missing or broken data before any other work
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
@@ -341,8 +346,10 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")
-        del ckpt
     resumed_at = step if resume_path else -1
+    # the evaluations of the resumed step ran before its checkpoint, unless a stop request skipped them
+    evaluated_at = step if ckpt is not None and ckpt["evaluated"] else -1
+    del ckpt
     # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
     model = torch.compile(raw_model) if use_compile else raw_model
     train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
@@ -358,9 +365,11 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     elapsed = lambda: elapsed_before + time.time() - t_start
     tokens = lambda: step * cfg.total_batch_size
     result = {}
+    stopping = False  # a stop request all ranks have agreed on (through the per-step all-reduce)
     while True:
-        last = step == stop_step
-        due = lambda every: every > 0 and (step % every == 0 or last) and step != resumed_at
+        stopping = stopping or (d.world_size == 1 and stop.requested)
+        last = step >= stop_step
+        due = lambda every: every > 0 and (step % every == 0 or last) and step != evaluated_at and not stopping
         if due(cfg.val_every):
             result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
             log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
@@ -375,15 +384,16 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             texts = samples(raw_model, cfg.sample_prompt, cfg.seed, d.device, autocast)
             log.event("sample", step, tokens(), elapsed(), samples=texts)
             log.print("\n".join(f"sample: {t!r}" for t in texts))
-        if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stop.requested):
+        if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stopping):
             if d.master:
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
+                         "evaluated": not stopping,
                          "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}
                 log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
                 dist.barrier()
-        if last or stop.requested:
+        if last or stopping:
             break
 
         # ---- one optimizer step: grad_accum micro-steps, gradients all-reduced on the last one only
@@ -397,16 +407,17 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                     _, loss = train_model(x, y, return_logits=False)
                 (loss / grad_accum).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        # one all-reduce carries the loss and every rank's stop request, so all ranks stop at the same step
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: no clip
+        # One all-reduce carries the loss and the stop requests: all ranks stop after the same step. The signal
+        # handler's flag is only ever read here, never reset, so a signal arriving meanwhile counts next step.
         stats = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), device=d.device)])
         if d.world_size > 1:
             dist.all_reduce(stats)
-        train_loss, stop.requested = stats[0].item() / d.world_size, bool(stats[1].item())
+        train_loss, stopping = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
             raise SystemExit(f"step {step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; stopping "
-                             f"without saving. Checkpoints in {run_dir} are untouched: lower --max-lr or check the data, "
-                             f"then re-run to resume from the last one.")
+                             f"without saving, so the checkpoints in {run_dir} are untouched. Resuming would repeat "
+                             f"this exactly: start a new run (--run-name NAME) with a lower --max-lr, or check the data.")
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, GPTConfig, peak_flops, sample_next
+from model import GPT, GPTConfig, chunked_cross_entropy, peak_flops, sample_next
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 
@@ -77,6 +77,20 @@ def test_chunked_loss_gradients_equal_plain_cross_entropy():
     (2.0 * loss).backward()  # a non-unit upstream gradient must scale the saved gradients
     for p, g in zip(model.parameters(), plain):
         torch.testing.assert_close(p.grad, 2.0 * g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_is_exact_for_very_improbable_targets(dtype):
+    # logits hundreds of nats apart: softmax probabilities of the targets underflow to 0
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(12, 16, generator=g), 40 * torch.randn(64, 16, generator=g)
+    t = torch.randint(0, 60, (12,), generator=g)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss, grad_h, _ = chunked_cross_entropy(h, w, t, 60, chunk_rows=5, with_grad=True)
+        logits = (h @ w.t())[:, :60].float()
+    ref = F.cross_entropy(logits, t)
+    assert ref > 100 and torch.isfinite(grad_h).all()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_124m_parameter_count_and_init_loss():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def torchrun(nproc, shards, log_dir, *args, name="run"):
            "--run-name", name, *SMALL, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode and "address already in use" in proc.stderr.lower():  # a port race with another process
+        shutil.rmtree(Path(log_dir) / name, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -89,6 +93,9 @@ def test_resume_is_bit_identical(shards, tmp_path):
         assert [r["step"] for r in a] == [r["step"] for r in b]
         key = "samples" if kind == "sample" else "loss"
         assert [r[key] for r in a] == [r[key] for r in b], kind  # exact equality: bit-identical on CPU
+    # a finished run asked to stop earlier than where it is: nothing more happens
+    assert run(shards, tmp_path, *common, "--stop-at", "4", name="resumed")["step"] == 8
+    assert len(metrics(tmp_path, "resumed")) == 8
 
 
 def test_sigterm_checkpoints_and_resume_is_identical(shards, tmp_path):
@@ -150,6 +157,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch,
     (["--data-dir", "/nonexistent/shards"], "fineweb_edu.py"),
     (["--hellaswag-every", "5", "--hellaswag-data", "/nonexistent/hellaswag.jsonl"], "--hellaswag-every 0"),
     (["--seq-len", "8192", "--total-batch-size", "32768"], "lower batch_size or seq_len"),
+    (["--max-steps", "10", "--stop-at", "20"], "past --max-steps"),
 ])
 def test_bad_flags_fail_before_work(shards, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
