@@ -196,9 +196,16 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ optimization and FLOPs
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, eps: float, device_type: str):
-        """AdamW with weight decay on matrices (incl. the embedding) only; fused kernel where available."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, eps: float, device_type: str,
+                             exclude=()):
+        """AdamW with weight decay on matrices (incl. the embedding) only; fused kernel where available.
+        Parameters in `exclude` are left out (another optimizer owns them)."""
+        skip = {id(p) for p in exclude}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

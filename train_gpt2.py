@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
 from model import GPT, GPTConfig, peak_flops
+from muon import Muon
 
 
 @dataclass
@@ -48,7 +49,9 @@ class TrainConfig:
     total_batch_size: int = 524_288
     # optimizer and schedule (GPT-3 small hyper-parameters)
     max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio at max_steps
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, linear decay over the last decay_frac of the steps)
+    decay_frac: float = 0.2
     warmup_steps: int = 715
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
     stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
@@ -57,6 +60,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like max_lr
+    muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_tokens: int = 10_485_760  # the same first val tokens every time
@@ -85,13 +92,15 @@ PRESETS = {
     ),
 }
 
-CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"]}
+CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"],
+           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"]}
 PRESET_DATA = {"tiny": "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"}
 
 # Fields that decide which tokens are seen and what the optimizer does: a resumed run must not change them.
 RESUME_MUST_MATCH = (
     "data_dir", "n_layer", "n_head", "n_embd", "vocab_multiple", "seq_len", "total_batch_size", "max_lr",
-    "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
+    "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
+    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "seed",
 )
 
 
@@ -163,12 +172,33 @@ class RunLog:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to max_lr * min_lr_ratio at max_steps."""
+    """Linear warm-up, then cosine decay to max_lr * min_lr_ratio at max_steps; or, for wsd, constant until
+    the last decay_frac of the steps and a linear decay to the same end."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     min_lr = cfg.max_lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - round(cfg.decay_frac * cfg.max_steps)
+        progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return cfg.max_lr + progress * (min_lr - cfg.max_lr)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
+
+
+def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest. Each group remembers its peak lr
+    (initial_lr) so the schedule can scale every optimizer by the same factor."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type)]
+    else:
+        hidden = model.hidden_matrices()
+        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type, exclude=hidden),
+                      Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -337,11 +367,12 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     raw_model = GPT(model_cfg).to(d.device)
     if (cfg.chunked_loss == "auto" and device_type == "cuda") or cfg.chunked_loss == "0":
         raw_model.loss_chunk_elements = 0
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    optimizers = build_optimizers(cfg, raw_model, device_type)
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(state)
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
@@ -386,7 +417,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             log.print("\n".join(f"sample: {t!r}" for t in texts))
         if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stopping):
             if d.master:
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
                          "evaluated": not stopping,
                          "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}
@@ -419,10 +450,14 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                              f"without saving, so the checkpoints in {run_dir} are untouched. Resuming would repeat "
                              f"this exactly: start a new run (--run-name NAME) with a lower --max-lr, or check the data.")
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr / cfg.max_lr
+                if "momentum" in group and cfg.muon_momentum_warmup:  # Muon's
+                    frac = min(1.0, step / cfg.muon_momentum_warmup)
+                    group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0

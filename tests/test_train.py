@@ -82,8 +82,9 @@ def test_ddp_two_ranks_equal_gradient_accumulation(shards, tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5
 
 
-def test_resume_is_bit_identical(shards, tmp_path):
-    common = ["--max-steps", "8", "--val-every", "4", "--sample-every", "4", "--checkpoint-every", "0"]
+@pytest.mark.parametrize("optimizer", [[], ["--optimizer", "muon", "--schedule", "wsd", "--muon-momentum-warmup", "5"]])
+def test_resume_is_bit_identical(shards, tmp_path, optimizer):
+    common = ["--max-steps", "8", "--val-every", "4", "--sample-every", "4", "--checkpoint-every", "0", *optimizer]
     run(shards, tmp_path, *common, name="straight")
     run(shards, tmp_path, *common, "--stop-at", "4", name="resumed")
     assert sorted(p.name for p in (tmp_path / "resumed").glob("ckpt_*.pt")) == ["ckpt_0000004.pt"]
