@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, peak_flops
+from model import GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from train_gpt2 import PRESETS, TrainConfig
 
 
@@ -55,7 +55,7 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tok_per_s = cfg.batch_size * cfg.seq_len / dt
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    peak = mfu_peak(device, dtype)
     return {
         "compile": use_compile, "loss": loss_mode, "step_ms": dt * 1000, "tok_per_s": tok_per_s,
         "mfu": model.flops_per_token(cfg.seq_len) * tok_per_s / peak if peak else None,
@@ -105,12 +105,8 @@ def main(argv=None):
 
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
     cfg = dataclasses.replace(TrainConfig(**PRESETS[args.preset]), **overrides)
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"

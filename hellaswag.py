@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pick_device
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -224,14 +224,6 @@ def load_checkpoint(path: str) -> GPT:
     # a torch.compile'd model's state_dict has every key under '_orig_mod.'
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
     return model
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def main(argv: list[str] | None = None):

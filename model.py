@@ -375,6 +375,25 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+def mfu_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The peak that MFU is measured against: only known for bf16 on a listed GPU."""
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and dtype == torch.bfloat16 else None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto': cuda > mps > cpu; anything else as torch names it."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on CUDA, fp32 (exact, no autocast) elsewhere; or 'float32' / 'bfloat16'."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 # ---------------------------------------------------------------------- HF layout helpers
 
 # HF's GPT-2 stores these linear layers as Conv1D, weight (in, out): transposed relative to nn.Linear.

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
-from model import GPT, GPTConfig, peak_flops
+from model import GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from muon import Muon
 
 
@@ -132,14 +132,13 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> Dist:
+def setup_distributed(device_name: str) -> Dist:
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (multi-node too); plain `python` runs one process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = pick_device(device_name)
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, torch.device(device))
+        return Dist(0, 0, 1, device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
@@ -147,7 +146,7 @@ def setup_distributed(device: str) -> Dist:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("gloo")
-    return Dist(rank, local_rank, world, torch.device(device))
+    return Dist(rank, local_rank, world, device)
 
 
 class RunLog:
@@ -353,8 +352,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
 
     device_type = d.device.type
-    dtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    dtype = autocast_dtype(cfg.dtype, d.device)
     autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
     use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
     if device_type == "cuda":
@@ -386,7 +384,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
 
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(torch.cuda.get_device_name(d.device)) if device_type == "cuda" and dtype == torch.bfloat16 else None
+    peak = mfu_peak(d.device, dtype)
     log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {dtype} | compile {use_compile} "
               f"| grad accumulation {grad_accum} | {val_batches} val batches")
