@@ -1,14 +1,15 @@
-"""Throughput of a training step (forward + backward + AdamW) and of the data loader alone.
+"""Throughput of a training step (forward + backward + optimizer) and of the data loader alone.
 
     python bench.py --preset tiny --device cpu --loss both            # chunked vs full-logits loss
     python bench.py --preset gpt2-124m --batch-size 64                   # one GPU: bf16, compiled
+    python bench.py --preset gpt2-124m-modern --batch-size 64            # any train_gpt2.py flag works too
+
 
 Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
 without torch.compile, after warm-up steps; then the loader's batches/s, to show the GPU never waits on data.
 """
 
 import argparse
-import dataclasses
 import itertools
 import statistics
 import tempfile
@@ -17,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
-from train_gpt2 import PRESETS, TrainConfig
+from model import GPT, autocast_dtype, mfu_peak, pick_device
+from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
 
 def sync(device: torch.device):
@@ -30,9 +31,8 @@ def sync(device: torch.device):
 
 def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int, loss_mode: str) -> dict:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device.type)
+    model = GPT(cfg.model).to(device)
+    optimizers = build_optimizers(cfg, model, device.type)
     model.loss_chunk_elements = model.loss_chunk_elements if loss_mode == "chunked" else 0
     step_model = torch.compile(model) if use_compile else model
     # a few different batches, so no step reuses the last one's inputs from cache
@@ -48,8 +48,9 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
             _, loss = step_model(batch[:, :-1], batch[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -91,8 +92,6 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int)
     parser.add_argument("--compile", default="auto", choices=["auto", "0", "1", "both"],
                         help="auto: as the training loop (on for CUDA only)")
     parser.add_argument("--loss", default="auto", choices=["auto", "chunked", "full", "both"],
@@ -101,16 +100,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-dir", help="time the loader on these shards (default: temporary random shards)")
-    args = parser.parse_args(argv)
-
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v}
-    cfg = dataclasses.replace(TrainConfig(**PRESETS[args.preset]), **overrides)
+    args, train_flags = parser.parse_known_args(argv)  # the rest are train_gpt2.py flags (--batch-size 64, --mlp relu2)
+    cfg, _ = parse_config(["--preset", args.preset, *train_flags])
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
-    print(f"{args.preset}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
+    print(f"{args.preset}: n_layer {cfg.model.n_layer}, n_embd {cfg.model.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
           f"{label} | {dtype} | torch {torch.__version__}")
     cuda = device.type == "cuda"
     compiles = {"auto": [cuda], "0": [False], "1": [True], "both": [False, True]}[args.compile]

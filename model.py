@@ -1,6 +1,9 @@
-"""GPT-2, exactly: the model, its HF-layout weight import/export, KV-cached sampling and FLOP counts.
+"""GPT-2, exactly, plus switches for later architecture ideas: the model, its HF-layout weight
+import/export, KV-cached sampling and FLOP counts.
 
 Imports only torch and the standard library. No training code lives here.
+The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
+turned on alone and compared against the baseline (see README "Modern options").
 Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights is
 a rename-free copy (plus a transpose: HF stores its linear layers as `Conv1D` with weights (in, out)).
 """
@@ -10,11 +13,13 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu")}
 
 
 @dataclass
@@ -25,10 +30,45 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # architecture switches; the defaults are GPT-2
+    n_kv_head: int = 0  # grouped-query attention: key/value heads, each shared by n_head // n_kv_head queries; 0 = n_head
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    pos: str = "learned"  # learned (absolute position table) | rope (rotary, on queries and keys)
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (hidden width 8/3 n_embd: the same parameter count)
+    qk_norm: bool = False  # RMS-normalize queries and keys per head before the dot product
+    sinks: bool = False  # a learned per-head logit in every softmax denominator: a head may attend to nothing (gpt-oss)
+    window: int = 0  # > 0: even layers attend to the last `window` positions only, odd layers to all (gpt-oss: 128)
+    tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
+    zero_init: bool = False  # output projections start at zero, so every block starts as the identity
+    softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
+
+    def __post_init__(self):
+        for name, choices in ARCH_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def is_gpt2(self) -> bool:
+        """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
+        keep = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head")
+        same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in keep)
+        return same and self.kv_heads == self.n_head
 
 
 # the OpenAI releases, as HF names them
@@ -44,10 +84,10 @@ class KVCache:
     """Keys and values of every layer for positions [0, pos), preallocated up to `max_len`."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.n_embd // config.n_head)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions already stored (advanced by GPT.forward after all layers ran)
+        self.pos = 0  # number of positions already stored (advanced by GPT.hidden after all layers ran)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, t, D) and return all keys/values so far."""
@@ -57,51 +97,134 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.residual_out = True  # scaled at init, see GPT._init_weights
+# ---------------------------------------------------------------------- attention
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+
+def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None):
+    """Causal attention of queries (B, H, Tq, D) at positions start.. to keys/values (B, Hkv, Tk, D) at 0..Tk-1.
+    window > 0: a query sees only the last `window` positions (itself included). sinks (H,): a learned logit
+    per head added to the softmax denominator (its value vector is zero), so a head can put weight nowhere."""
+    gqa = q.size(1) != k.size(1)
+    if not window and sinks is None:  # plain causal attention: flash attention on GPU
+        # a prefill (start 0) is the usual causal square; a decode step (one query) sees every cached key
+        assert start == 0 or q.size(2) == 1, "KV cache supports a prefill then one token at a time"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, enable_gqa=gqa)
+    if q.is_cuda and start == 0:
+        return flex_attend(q, k, v, window, sinks)
+    # CPU/MPS (FlexAttention has no backward there) and KV-cache steps: the scores written out
+    if gqa:
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
+    qpos = torch.arange(start, start + q.size(2), device=q.device)[:, None]
+    kpos = torch.arange(k.size(2), device=q.device)[None, :]
+    visible = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1, keepdim=True)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1, 1))
+    return torch.exp(scores - lse).to(v.dtype) @ v
+
+
+def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None):
+    """The fused GPU path for windows and sinks: FlexAttention skips the blocks the window masks out, and
+    sinks need no kernel of their own: with Z = exp(lse) the kernel's softmax normalizer,
+    softmax-with-sink = softmax * Z / (Z + exp(sink)) = softmax * sigmoid(lse - sink)."""
+    from torch.nn.attention import flex_attention as fa
+
+    def visible(b, h, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        return causal & (q_idx - kv_idx < window) if window else causal
+
+    T = q.size(2)
+    block_mask = fa.create_block_mask(visible, None, None, T, T, device=q.device)
+    y, aux = fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
+                               return_aux=fa.AuxRequest(lse=True))
+    if sinks is None:
+        return y
+    return y * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+
+
+def rope_tables(config: GPTConfig, start: int, T: int, device):
+    """cos, sin (T, head_dim / 2) of the rotation angles pos * theta^(-2i / head_dim) for positions start.."""
+    head_dim = config.n_embd // config.n_head
+    inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + D/2]) of x (B, H, T, D) by its position's angle (the GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
+        self.qk_norm = config.qk_norm
+        self.window = config.window if layer % 2 == 0 else 0
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Attending from the last new positions to everything cached needs no mask when T == 1; a prefill
-        # (cache empty) is the usual causal case. Other shapes are not produced by generate().
-        causal = True
+        sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(sizes, dim=2))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
         if cache is not None:
-            assert T == 1 or cache.pos == 0, "KV cache supports a prefill then one token at a time"
-            k, v = cache.update(layer, k, v)
-            causal = T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # flash attention on GPU
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        y = attention(q, k, v, start, self.window, self.sinks)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        if self.kind == "swiglu":  # three matrices instead of two: 8/3 the width keeps the parameter count
+            hidden = round(8 * config.n_embd / 3 / 8) * 8
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_out = True
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -111,16 +234,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.transformer.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -129,7 +250,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "residual_out", False):
-                std /= math.sqrt(2 * self.config.n_layer)
+                std = 0.0 if self.config.zero_init else std / math.sqrt(2 * self.config.n_layer)
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -141,15 +262,19 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden(self, idx, cache: KVCache | None = None):
-        """Final-LayerNorm hidden states (B, T, n_embd) for token ids idx (B, T)."""
+        """Final-norm hidden states (B, T, n_embd) for token ids idx (B, T)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        else:
+            rope = rope_tables(self.config, start, T, idx.device)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -157,6 +282,8 @@ class GPT(nn.Module):
     def logits(self, h):
         """LM-head logits; padded vocabulary ids get -inf so they carry exactly zero probability."""
         logits = self.lm_head(h)
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size :] = float("-inf")
         return logits
@@ -168,8 +295,9 @@ class GPT(nn.Module):
         h = self.hidden(idx)
         if not return_logits and self.loss_chunk_elements > 0:
             assert targets is not None, "return_logits=False needs targets"
-            args = (h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
-            chunk_rows = max(1, self.loss_chunk_elements // self.config.padded_vocab_size)
+            c = self.config
+            args = (h.flatten(0, 1), self.lm_head.weight, targets.flatten(), c.vocab_size, c.softcap)
+            chunk_rows = max(1, self.loss_chunk_elements // c.padded_vocab_size)
             if torch.is_grad_enabled():
                 return None, ChunkedLMHeadLoss.apply(*args, chunk_rows)
             return None, chunked_cross_entropy(*args, chunk_rows, with_grad=False)[0]
@@ -216,9 +344,11 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the usual 6N + 12*L*C*T: 2 (multiply-add) x 3 (forward, and backward
         for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked).
-        N counts matmul weights only: the position table, biases and norms do no matmul."""
+        N counts matmul weights only: the position table (and an untied token table), biases and norms do no
+        matmul. Sliding windows skip some attention work that this count (like MFU conventions) still includes."""
         c = self.config
-        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - self.transformer.wpe.weight.numel()
+        lookups = [m.weight.numel() for name, m in self.transformer.items() if name == "wpe" or (name == "wte" and not c.tie_head)]
+        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
     # ------------------------------------------------------------------ HF-layout weights
@@ -266,6 +396,8 @@ class GPT(nn.Module):
     def export_hf(self, out_dir: str):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
         c = self.config
+        if not c.is_gpt2:
+            raise ValueError("only the plain GPT-2 architecture has an HF GPT-2 layout; this model has switches on")
         sd = {}
         for key, value in self.state_dict().items():
             if key == "lm_head.weight":
@@ -299,10 +431,10 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def chunked_cross_entropy(h, weight, targets, vocab: int, chunk_rows: int, with_grad: bool):
-    """Mean cross-entropy of logits h @ weight.T (only the first `vocab` columns can be predicted), computed
-    chunk_rows rows at a time. With with_grad, also returns d(loss)/dh and d(loss)/dweight, computed
-    right there from the chunk's softmax, so no (N, vocab) tensor ever exists."""
+def chunked_cross_entropy(h, weight, targets, vocab: int, softcap: float, chunk_rows: int, with_grad: bool):
+    """Mean cross-entropy of logits h @ weight.T (soft-capped if softcap > 0; only the first `vocab` columns
+    can be predicted), computed chunk_rows rows at a time. With with_grad, also returns d(loss)/dh and
+    d(loss)/dweight, computed right there from the chunk's softmax, so no (N, vocab) tensor ever exists."""
     n = h.shape[0]
     loss = torch.zeros((), device=h.device, dtype=torch.float32)
     grad_h = torch.empty_like(h) if with_grad else None
@@ -315,16 +447,21 @@ def chunked_cross_entropy(h, weight, targets, vocab: int, chunk_rows: int, with_
         for s in range(0, n, chunk_rows):
             hc, tc = h_[s : s + chunk_rows], targets[s : s + chunk_rows]
             logits = hc @ w_.t()
+            if softcap:
+                tanh = torch.tanh(logits.float() / softcap)
+                logits = softcap * tanh
             logits[:, vocab:] = float("-inf")
-            probs = torch.softmax(logits, dim=1)  # computed in fp32, stored in the matmul dtype
+            probs = torch.softmax(logits, dim=1)  # computed in fp32, stored in the logits' dtype
             nll = -probs.gather(1, tc[:, None]).squeeze(1).float().log()
             underflow = torch.isinf(nll)  # a target ~88+ nats below the top logit: p underflowed, recompute exactly
             if underflow.any():
                 rows = logits[underflow].float()
                 nll[underflow] = rows.logsumexp(1) - rows.gather(1, tc[underflow][:, None]).squeeze(1)
             loss += nll.sum()
-            if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n
+            if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n, times tanh' = 1 - tanh^2 if capped
                 probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                if softcap:
+                    probs = (probs * (1 - tanh.square())).to(dtype)
                 grad_h[s : s + chunk_rows] = (probs @ w_) / n
                 grad_w += (probs.t() @ hc) / n
     return loss / n, grad_h, grad_w
@@ -336,15 +473,15 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     chunk of them alive at a time and never stores them for autograd."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab, chunk_rows):
-        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, vocab, chunk_rows, with_grad=True)
+    def forward(ctx, h, weight, targets, vocab, softcap, chunk_rows):
+        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, vocab, softcap, chunk_rows, with_grad=True)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 # ---------------------------------------------------------------------- FLOPs and device peaks

@@ -19,7 +19,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
-from model import GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
+from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from muon import Muon
 
 
@@ -38,11 +38,9 @@ class TrainConfig:
     log_dir: str = "logs"
     run_name: str = ""  # default: the preset's name
     resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
-    # model (GPTConfig fields; block_size = seq_len)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_multiple: int = 128  # 50257 -> 50304 rows: faster matmuls; padded ids are never predicted
+    # the model: every GPTConfig field (model.py) is a flag too (--n-layer 4, --norm rmsnorm, ...); block_size = seq_len,
+    # and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_multiple=128))
     # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world_size * accumulation
     batch_size: int = 64
     seq_len: int = 1024
@@ -82,23 +80,31 @@ class TrainConfig:
     seed: int = 1337
 
 
+TINY = dict(
+    data_dir="data/fineweb_edu_tiny", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
+    total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=300, val_every=50, val_tokens=65_536,
+    hellaswag_every=0, sample_every=100, checkpoint_every=100,
+)
+# The switches that won their single-switch ablation on the tiny CPU setup (BENCHMARKS.md, "Ablations").
+MODERN = dict(optimizer="muon", schedule="wsd")
 PRESETS = {
     "gpt2-124m": {},
-    # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
-    "tiny": dict(
-        data_dir="data/fineweb_edu_tiny", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
-        total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=300, val_every=50, val_tokens=65_536,
-        hellaswag_every=0, sample_every=100, checkpoint_every=100,
-    ),
+    "gpt2-124m-modern": MODERN,
+    "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
+    "tiny-modern": {**TINY, **MODERN},
 }
 
 CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"],
-           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"]}
-PRESET_DATA = {"tiny": "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"}
+           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"], **ARCH_CHOICES}
+PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"
+               for name in ("tiny", "tiny-modern")}
+TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
 
-# Fields that decide which tokens are seen and what the optimizer does: a resumed run must not change them.
+# Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
+# must not change them.
 RESUME_MUST_MATCH = (
-    "data_dir", "n_layer", "n_head", "n_embd", "vocab_multiple", "seq_len", "total_batch_size", "max_lr",
+    "data_dir", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "seed",
 )
@@ -107,12 +113,23 @@ RESUME_MUST_MATCH = (
 def parse_config(argv=None) -> tuple[TrainConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=None,
-                            choices=CHOICES.get(f.name), help=f"gpt2-124m: {f.default!r}")
+    defaults = TrainConfig()
+    for f in TRAIN_FIELDS + MODEL_FIELDS:
+        default = getattr(defaults, f.name) if f in TRAIN_FIELDS else getattr(defaults.model, f.name)
+        is_bool = f.type is bool
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
+                            choices=[0, 1] if is_bool else CHOICES.get(f.name),
+                            help=f"gpt2-124m: {int(default) if is_bool else default!r}")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
-    cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
+    model_names = {f.name for f in MODEL_FIELDS}
+    model_values = {k: bool(v) if isinstance(getattr(defaults.model, k), bool) else v
+                    for k, v in values.items() if k in model_names}
+    try:
+        model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len), **model_values)
+    except ValueError as e:  # inconsistent model flags, e.g. --n-kv-head not dividing --n-head
+        parser.error(str(e))
+    cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
     cfg.run_name = cfg.run_name or args.preset
     return cfg, args.preset
 
@@ -250,8 +267,9 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
-    diff = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}"
-            for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
+    pairs += [(f.name, saved["model"].get(f.name), getattr(cfg.model, f.name)) for f in dataclasses.fields(GPTConfig)]
+    diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
                          + "\nPass the original values, or start a new run with --run-name NAME (or --resume never).")
@@ -360,9 +378,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(cfg.seed)
-    model_cfg = GPTConfig(block_size=cfg.seq_len, vocab_multiple=cfg.vocab_multiple,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    raw_model = GPT(model_cfg).to(d.device)
+    raw_model = GPT(cfg.model).to(d.device)
     if (cfg.chunked_loss == "auto" and device_type == "cuda") or cfg.chunked_loss == "0":
         raw_model.loss_chunk_elements = 0
     optimizers = build_optimizers(cfg, raw_model, device_type)
@@ -418,7 +434,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
                          "evaluated": not stopping,
-                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}
+                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model)}
                 log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
                 dist.barrier()

@@ -1,0 +1,105 @@
+"""ablate.py on tiny-shakespeare: two tiny configs train, plot and tabulate; re-running resumes; failures name the config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ablate
+from conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# a very small model on few tokens, after `--`: applies to every config
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
+        "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0", "--warmup-steps", "2",
+        "--vocab-multiple", "128", "--max-steps", "4", "--val-every", "2", "--sample-every", "0",
+        "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bytecode_cache(tmp_path_factory):
+    """Every run is a fresh python that imports torch. Where bytecode caching is off (PYTHONDONTWRITEBYTECODE),
+    each would compile torch's sources again (~5 s on 2 cores): keep the bytecode in a temp folder instead."""
+    with pytest.MonkeyPatch.context() as mp:
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            mp.delenv("PYTHONDONTWRITEBYTECODE")
+            mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, shakespeare_path):
+    """Tiny-shakespeare as uint16 shards, built by the real CLI (as in test_train.py)."""
+    out = tmp_path_factory.mktemp("shards") / "shakespeare"
+    subprocess.run([sys.executable, str(ROOT / "fineweb_edu.py"), "--source", str(shakespeare_path), "--out", str(out),
+                    "--shard-size", "16384", "--workers", "2", "--txt-docs", "paragraphs"], check=True, capture_output=True)
+    return str(out)
+
+
+def records(run_dir, kind):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def table_rows(md_path):
+    """{run name -> {column header -> cell}} from a markdown table."""
+    header, _, *rows = md_path.read_text().splitlines()
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return {row[0]: dict(zip(cols, row)) for row in cells}
+
+
+def test_suite_trains_plots_tabulates_and_resumes(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "SUITES", {"t": {"baseline": [], "lr": ["--max-lr", "1e-3"]}})
+    argv = ["t", "--data-dir", shards, "--log-dir", str(tmp_path), "--", *TINY]
+    ablate.main(argv)
+    suite = tmp_path / "t"
+    assert (suite / "t.png").read_bytes().startswith(PNG_MAGIC)
+    rows = table_rows(suite / "t.md")
+    assert list(rows) == ["baseline", "lr"]
+    final = {name: records(suite / name, "val")[-1] for name in rows}
+    for name, row in rows.items():
+        assert final[name]["step"] == 4
+        assert row["final val loss"] == f"{final[name]['loss']:.4f}"
+        assert row["vs baseline"] == f"{final[name]['loss'] - final['baseline']['loss']:+.4f}"
+    assert rows["baseline"]["vs baseline"] == "+0.0000"
+    # the configs really differ: the preset's lr for the baseline, the config's own for "lr"
+    max_lr = {name: json.loads((suite / name / "config.json").read_text())["max_lr"] for name in rows}
+    assert max_lr == {"baseline": 3e-3, "lr": 1e-3}
+    assert final["baseline"]["loss"] != final["lr"]["loss"]
+
+    # the same command again: both runs are finished, nothing is trained or logged again
+    before = {name: (suite / name / "metrics.jsonl").read_bytes() for name in rows}
+    ablate.main(argv)
+    assert {name: (suite / name / "metrics.jsonl").read_bytes() for name in rows} == before
+    assert len(records(suite / "lr", "train")) == 4
+
+    # a config added later that has not run yet: --plot-only says which one is missing
+    monkeypatch.setitem(ablate.SUITES["t"], "new", ["--max-lr", "2e-3"])
+    with pytest.raises(SystemExit, match="'new'"):
+        ablate.main(["t", "--log-dir", str(tmp_path), "--plot-only"])
+    ablate.main(["t", "--log-dir", str(tmp_path), "--plot-only", "--only", "lr,baseline"])
+    rows = table_rows(suite / "t.md")
+    assert list(rows) == ["lr", "baseline"]  # --only picks and orders; the first shown is the reference
+    assert rows["baseline"]["vs baseline"] == f"{final['baseline']['loss'] - final['lr']['loss']:+.4f}"
+
+
+def test_failing_run_names_its_config(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "SUITES", {"f": {"baseline": [], "broken": ["--total-batch-size", "1000"]}})
+    i = TINY.index("--total-batch-size")
+    tiny = TINY[:i] + TINY[i + 2:]  # without it, so that the config's own value stands
+    with pytest.raises(SystemExit, match="config 'broken' of suite 'f' failed"):
+        ablate.main(["f", "--data-dir", shards, "--log-dir", str(tmp_path), "--only", "broken", "--", *tiny])
+    assert not (tmp_path / "f" / "baseline").exists()  # --only: the baseline never ran
+
+
+def test_unknown_suite_or_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        ablate.main(["nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate.main(["arch", "--only", "baseline,rop"])
+    err = capsys.readouterr().err
+    assert "'rop'" in err and "'rope'" in err
