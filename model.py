@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu")}
+ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu"),
+                "mode": ("gpt2", "edm2", "hypersphere")}
 
 
 @dataclass
@@ -43,6 +44,11 @@ class GPTConfig:
     tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
+    # weight-constrained modes (they replace `norm` and `bias`: no learned norms, no biases, see README):
+    # edm2: magnitude-preserving layers with unit-norm weight rows (EDM2); hypersphere: every vector on the unit
+    # sphere along the embedding dimension (nGPT)
+    mode: str = "gpt2"
+    mp_blend: float = 0.3  # edm2: residual x <- mp_sum(x, block(x), mp_blend)
 
     def __post_init__(self):
         for name, choices in ARCH_CHOICES.items():
@@ -54,6 +60,8 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+        if self.mode != "gpt2" and self.zero_init:
+            raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -159,9 +167,59 @@ def apply_rope(x, cos, sin):
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
+    if config.mode == "hypersphere":  # hidden states are kept on the unit sphere by the residual update itself
+        return nn.Identity()
+    if config.mode == "edm2":  # unit RMS, nothing learned: a gain here would undo magnitude preservation
+        return nn.RMSNorm(config.n_embd, eps=1e-5, elementwise_affine=False)
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=1e-5)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+# ---------------------------------------------------------------------- weight-constrained modes
+
+
+def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x scaled to unit L2 norm along dim."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-6)
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """EDM2's magnitude-preserving blend: (1-t) a + t b, rescaled so unit-variance a, b give unit variance."""
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+def unit_rms_gain(fn) -> float:
+    """1 / RMS of fn(z) for z ~ N(0, 1) (by quadrature): the factor that makes an activation magnitude
+    preserving (EDM2's SiLU / 0.596; GELU 0.652, ReLU^2 1.225)."""
+    z = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    density = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+    return float((fn(z).square() * density).sum().rsqrt())
+
+
+class ConstrainedLinear(nn.Linear):
+    """A bias-free linear layer whose weight is used normalized: unit-norm rows (norm_dim 1, one per output
+    unit) or columns (norm_dim 0, for nGPT's projections back into the embedding space). Normalizing in the
+    forward pass makes the gradient tangent to the sphere; project() puts the stored weight back on it after
+    each optimizer step, so the step size stays relative and no weight decay is needed."""
+
+    def __init__(self, in_features: int, out_features: int, norm_dim: int = 1):
+        super().__init__(in_features, out_features, bias=False)
+        self.norm_dim = norm_dim
+
+    def forward(self, x):
+        return F.linear(x, unit(self.weight, self.norm_dim))
+
+    @torch.no_grad()
+    def project(self):
+        self.weight.copy_(unit(self.weight, self.norm_dim))
+
+
+def linear(config: GPTConfig, in_features: int, out_features: int, into_embedding: bool = False) -> nn.Linear:
+    if config.mode == "gpt2":
+        return nn.Linear(in_features, out_features, bias=config.bias)
+    # nGPT normalizes every matrix along the embedding dimension: the input side, or the output side
+    return ConstrainedLinear(in_features, out_features, 0 if into_embedding and config.mode == "hypersphere" else 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,10 +227,13 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
         self.head_dim = config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = linear(config, config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
+        self.c_proj = linear(config, config.n_embd, config.n_embd, into_embedding=True)
         self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
-        self.qk_norm = config.qk_norm
+        self.mode, self.qk_norm = config.mode, config.qk_norm
+        if self.mode == "hypersphere":  # nGPT: unit q, k per head, rescaled by a learned per-dimension s_qk (init 1)
+            self.s_qk = nn.Parameter(torch.full((self.head_dim,), config.n_embd**-0.5))
+            self.s_qk_scale = math.sqrt(config.n_embd)
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
 
@@ -184,34 +245,51 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.mode == "hypersphere":  # cosine similarities scaled by sqrt(d) instead of 1/sqrt(d): q gets d
+            s_qk = self.s_qk * self.s_qk_scale
+            q, k = unit(q) * s_qk * self.head_dim, unit(k) * s_qk
         start = 0
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, start, self.window, self.sinks)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = attention(q, k, v, start, self.window, self.sinks).transpose(1, 2).contiguous().view(B, T, C)
+        if self.mode == "edm2":  # a softmax average of unit-variance values has less than unit variance
+            y = F.rms_norm(y, (C,), eps=1e-5)
+        return self.c_proj(y)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.kind = config.mlp
+        self.kind, self.mode = config.mlp, config.mode
         hidden = 4 * config.n_embd
         if self.kind == "swiglu":  # three matrices instead of two: 8/3 the width keeps the parameter count
             hidden = round(8 * config.n_embd / 3 / 8) * 8
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = linear(config, config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden)
+        self.c_proj = linear(config, hidden, config.n_embd, into_embedding=True)
         self.c_proj.residual_out = True
+        if self.mode == "edm2":  # the activation divided by its RMS on unit Gaussians keeps unit variance
+            # (swiglu: silu(gate) times an independent unit-variance `up` has the RMS of silu alone)
+            self.gain = unit_rms_gain(F.silu if self.kind == "swiglu" else self.activation)
+        if self.mode == "hypersphere":  # nGPT: unit-sphere dot products are small; a learned scale, times sqrt(C)
+            self.s_fc = nn.Parameter(torch.ones(self.c_fc.out_features))
+            self.s_scale = math.sqrt(config.n_embd)
+
+    def activation(self, h):
+        if self.kind == "gelu":
+            return F.gelu(h, approximate="tanh")
+        if self.kind == "relu2":
+            return F.relu(h).square()
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if self.mode == "hypersphere":
+            h = h * (self.s_fc * self.s_scale)
+        h = self.activation(h)
+        if self.mode == "edm2":
+            h = h * self.gain
         return self.c_proj(h)
 
 
@@ -222,10 +300,22 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.mode, self.mp_blend = config.mode, config.mp_blend
+        if self.mode == "hypersphere":  # nGPT's eigen learning rates: how far each step moves toward the block's output
+            self.alpha_attn = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
+            self.alpha_mlp = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
+            self.alpha_scale = 0.05 * math.sqrt(config.n_embd)  # effective alpha 0.05 at init
 
     def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
-        return x + self.mlp(self.ln_2(x))
+        x = self.residual(x, self.attn(self.ln_1(x), rope, cache), "alpha_attn")
+        return self.residual(x, self.mlp(self.ln_2(x)), "alpha_mlp")
+
+    def residual(self, x, y, alpha: str):
+        if self.mode == "edm2":
+            return mp_sum(x, y, self.mp_blend)
+        if self.mode == "hypersphere":  # a step along the sphere from x toward the block's (unit) output
+            return unit(x + getattr(self, alpha) * self.alpha_scale * (unit(y) - x))
+        return x + y
 
 
 class GPT(nn.Module):
@@ -242,7 +332,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        # the constrained modes' logits are dot products with unit vectors: a learned scale sets their range
+        if config.mode == "edm2":
+            self.logit_gain = nn.Parameter(torch.ones(()))
+        # nGPT stores its scales (s_z here, s_qk and alpha in the blocks) divided by sqrt(C) and multiplies them back,
+        # so the optimizer moves them sqrt(C) times faster than a plain parameter. s_z, one per token: nGPT starts
+        # it at 1, which keeps the initial logits within +-1 (cosines) and spends the first hundreds of steps
+        # growing it; sqrt(C) gives unit-variance logits at init, as in the other modes.
+        if config.mode == "hypersphere":
+            self.logit_scale = nn.Parameter(torch.ones(config.padded_vocab_size))
         self.apply(self._init_weights)
+        self.project_weights()
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
@@ -257,6 +357,29 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def constrained_weights(self) -> list[nn.Parameter]:
+        """The matrices that edm2/hypersphere keep normalized (no weight decay for them); none in gpt2 mode."""
+        if self.config.mode == "gpt2":
+            return []
+        return self._tables() + [m.weight for m in self.modules() if isinstance(m, ConstrainedLinear)]
+
+    def _tables(self) -> list[nn.Parameter]:
+        """Token (and position) embeddings and the head: in the constrained modes, unit rows along C."""
+        tables = [self.transformer.wte.weight, self.lm_head.weight]
+        tables += [self.transformer.wpe.weight] if "wpe" in self.transformer else []
+        return list({id(p): p for p in tables}.values())  # a tied head once
+
+    @torch.no_grad()
+    def project_weights(self):
+        """Put every constrained weight back on its sphere; the training loop calls this after each step."""
+        if self.config.mode == "gpt2":
+            return
+        for m in self.modules():
+            if isinstance(m, ConstrainedLinear):
+                m.project()
+        for table in self._tables():
+            table.copy_(unit(table))
+
     def num_params(self) -> int:
         """Parameter count, tied weights once."""
         return sum(p.numel() for p in self.parameters())
@@ -267,11 +390,8 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
-        else:
+        x, rope = self.embed(idx, start), None
+        if self.config.pos == "rope":
             rope = rope_tables(self.config, start, T, idx.device)
         for block in self.transformer.h:
             x = block(x, rope, cache)
@@ -279,9 +399,33 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
+    def embed(self, idx, start: int):
+        mode, C = self.config.mode, self.config.n_embd
+        x = self.transformer.wte(idx)
+        if mode != "gpt2":  # unit rows; edm2 wants unit RMS (norm sqrt(C)), hypersphere unit norm
+            x = unit(x) * (math.sqrt(C) if mode == "edm2" else 1.0)
+        if self.config.pos != "learned":
+            return x
+        p = self.transformer.wpe(torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device))
+        if mode == "edm2":
+            return mp_sum(x, unit(p) * math.sqrt(C), 0.5)
+        if mode == "hypersphere":
+            return unit(x + unit(p))
+        return x + p
+
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, C) matrix the logits are computed with: the head, or in the constrained modes its
+        normalized rows times the learned logit scale (one tensor, shared by both loss paths)."""
+        w = self.lm_head.weight
+        if self.config.mode == "edm2":
+            return unit(w) * self.logit_gain
+        if self.config.mode == "hypersphere":
+            return unit(w) * (self.logit_scale * math.sqrt(self.config.n_embd))[:, None]
+        return w
+
     def logits(self, h):
         """LM-head logits; padded vocabulary ids get -inf so they carry exactly zero probability."""
-        logits = self.lm_head(h)
+        logits = F.linear(h, self.head_weight())
         if self.config.softcap:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if self.config.padded_vocab_size > self.config.vocab_size:
@@ -296,7 +440,7 @@ class GPT(nn.Module):
         if not return_logits and self.loss_chunk_elements > 0:
             assert targets is not None, "return_logits=False needs targets"
             c = self.config
-            args = (h.flatten(0, 1), self.lm_head.weight, targets.flatten(), c.vocab_size, c.softcap)
+            args = (h.flatten(0, 1), self.head_weight(), targets.flatten(), c.vocab_size, c.softcap)
             chunk_rows = max(1, self.loss_chunk_elements // c.padded_vocab_size)
             if torch.is_grad_enabled():
                 return None, ChunkedLMHeadLoss.apply(*args, chunk_rows)
@@ -330,14 +474,15 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, eps: float, device_type: str,
                              exclude=()):
-        """AdamW with weight decay on matrices (incl. the embedding) only; fused kernel where available.
+        """AdamW with weight decay on unconstrained matrices (incl. the embedding) only; fused kernel where available.
         Parameters in `exclude` are left out (another optimizer owns them)."""
         skip = {id(p) for p in exclude}
+        constrained = {id(p) for p in self.constrained_weights()}  # normalized anyway: decay would do nothing useful
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in constrained]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) not in {id(q) for q in decay}], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 

@@ -5,6 +5,9 @@ steps of a quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315
 for speed: singular values land in roughly [0.7, 1.2]). Under DDP the gradients are already averaged, so
 every rank keeps all momentum buffers (cheap, and rank 0's checkpoint is complete) but orthogonalizes
 only its share of the matrices; the owners then broadcast the updates.
+
+fixed_norm (MuonH, "hyperball"): after each update every matrix is scaled back to the Frobenius norm it had
+before its first step, so the weights move on a sphere and the update size stays relative to the weight.
 """
 
 import torch
@@ -27,8 +30,10 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
+                 fixed_norm: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, fixed_norm=fixed_norm)
+        super().__init__(params, defaults)
         if any(p.dim() != 2 for group in self.param_groups for p in group["params"]):
             raise ValueError("Muon takes 2-D weight matrices only; give embeddings, biases and norms to AdamW")
 
@@ -40,7 +45,10 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             updates = []
             for i, p in enumerate(params):
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                if group["fixed_norm"] and "norm" not in state:
+                    state["norm"] = p.norm()
                 buf.mul_(group["momentum"]).add_(p.grad)
                 nesterov = p.grad.add(buf, alpha=group["momentum"])
                 # each matrix is orthogonalized by one rank only; the others get the result below
@@ -51,3 +59,5 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = p.shape
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+                if group["fixed_norm"]:
+                    p.mul_(self.state[p]["norm"] / p.norm())

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
 from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
+from ema import PowerEMA
 from muon import Muon
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like max_lr
     muon_momentum: float = 0.95
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
+    muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
+    ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_tokens: int = 10_485_760  # the same first val tokens every time
@@ -106,7 +109,8 @@ MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("bloc
 RESUME_MUST_MATCH = (
     "data_dir", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
-    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "seed",
+    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "ema_sigma_rel",
+    "seed",
 )
 
 
@@ -122,11 +126,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
                             help=f"gpt2-124m: {int(default) if is_bool else default!r}")
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
+    bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}
+    values = {k: bool(v) if k in bools else v for k, v in values.items()}
     model_names = {f.name for f in MODEL_FIELDS}
-    model_values = {k: bool(v) if isinstance(getattr(defaults.model, k), bool) else v
-                    for k, v in values.items() if k in model_names}
     try:
-        model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len), **model_values)
+        model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len),
+                                    **{k: v for k, v in values.items() if k in model_names})
     except ValueError as e:  # inconsistent model flags, e.g. --n-kv-head not dividing --n-head
         parser.error(str(e))
     cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
@@ -210,7 +215,7 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[tor
     else:
         hidden = model.hidden_matrices()
         optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type, exclude=hidden),
-                      Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
+                      Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm)]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -382,12 +387,16 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     if (cfg.chunked_loss == "auto" and device_type == "cuda") or cfg.chunked_loss == "0":
         raw_model.loss_chunk_elements = 0
     optimizers = build_optimizers(cfg, raw_model, device_type)
+    params = list(raw_model.parameters())
+    ema = PowerEMA(params, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
         train_loader.load_state_dict(ckpt["loader"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")
@@ -419,6 +428,11 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
             log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
             log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
+            if ema is not None and step > 0:
+                with ema.swapped_in(params):
+                    result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
+                log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
+                log.print(f"step {step:6d} | val loss of the EMA (sigma_rel {cfg.ema_sigma_rel}) {result['val_loss_ema']:.4f}")
         if due(cfg.hellaswag_every):
             hs = hellaswag.evaluate(model, hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
                                     autocast_dtype=dtype if dtype != torch.float32 else None)
@@ -433,7 +447,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             if d.master:
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
-                         "evaluated": not stopping,
+                         "evaluated": not stopping, "ema": ema.state_dict() if ema is not None else None,
                          "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model)}
                 log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
@@ -472,6 +486,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                     group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        raw_model.project_weights()  # edm2 / hypersphere: constrained weights back on their spheres
+        if ema is not None:
+            ema.update(step + 1)  # step + 1 optimizer steps done
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0

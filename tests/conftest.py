@@ -1,6 +1,7 @@
 """Shared test set-up: the repo root on sys.path, offline data from ../shared, a tiktoken cache."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +31,12 @@ def shakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def hellaswag_val_path() -> Path:
     return _shared_file("hellaswag/hellaswag_val.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, shakespeare_path) -> str:
+    """Tiny-shakespeare as uint16 shards, built by the real CLI: a 16k-token val shard and train shards."""
+    out = tmp_path_factory.mktemp("shards") / "shakespeare"
+    subprocess.run([sys.executable, str(ROOT / "fineweb_edu.py"), "--source", str(shakespeare_path), "--out", str(out),
+                    "--shard-size", "16384", "--workers", "2", "--txt-docs", "paragraphs"], check=True, capture_output=True)
+    return str(out)

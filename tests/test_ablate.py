@@ -29,15 +29,6 @@ def bytecode_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, shakespeare_path):
-    """Tiny-shakespeare as uint16 shards, built by the real CLI (as in test_train.py)."""
-    out = tmp_path_factory.mktemp("shards") / "shakespeare"
-    subprocess.run([sys.executable, str(ROOT / "fineweb_edu.py"), "--source", str(shakespeare_path), "--out", str(out),
-                    "--shard-size", "16384", "--workers", "2", "--txt-docs", "paragraphs"], check=True, capture_output=True)
-    return str(out)
-
-
 def records(run_dir, kind):
     with open(run_dir / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if r["kind"] == kind]

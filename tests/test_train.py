@@ -26,15 +26,6 @@ SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4
          "--max-lr", "3e-3", "--vocab-multiple", "128"]
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory, shakespeare_path):
-    """Tiny-shakespeare as uint16 shards, built by the real CLI: a 16k-token val shard and train shards."""
-    out = tmp_path_factory.mktemp("shards") / "shakespeare"
-    subprocess.run([sys.executable, str(ROOT / "fineweb_edu.py"), "--source", str(shakespeare_path), "--out", str(out),
-                    "--shard-size", "16384", "--workers", "2", "--txt-docs", "paragraphs"], check=True, capture_output=True)
-    return str(out)
-
-
 def run(shards, tmp_path, *args, name="run"):
     return train_gpt2.main(["--preset", "tiny", "--data-dir", shards, "--log-dir", str(tmp_path), "--run-name", name,
                             *SMALL, *args])
