@@ -24,8 +24,14 @@ import sys
 from pathlib import Path
 
 import plot_logs
+from train_gpt2 import MODERN
 
 TRAIN = Path(__file__).resolve().parent / "train_gpt2.py"
+
+
+def flags(values: dict) -> list[str]:
+    """{"n_kv_head": 2, "qk_norm": True} -> ["--n-kv-head", "2", "--qk-norm", "1"]"""
+    return [arg for k, v in values.items() for arg in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
 
 # suite -> {config name -> train_gpt2.py flags}, in plotting order; the first config is the baseline
 SUITES: dict[str, dict[str, list[str]]] = {
@@ -33,7 +39,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "modern": {
         "baseline": [],
         "muon": ["--optimizer", "muon"],
-        "modern": ["--preset", "tiny-modern"],
+        "modern": flags(MODERN),  # the gpt2-124m-modern / tiny-modern switches on top of the chosen preset
     },
     # each architecture switch alone on top of the GPT-2 baseline
     "arch": {
@@ -50,6 +56,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "untied": ["--tie-head", "0"],
         "zero-init": ["--zero-init", "1"],
         "softcap": ["--softcap", "30"],
+    },
+    # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
+    "constraints": {
+        "baseline": ["--ema-sigma-rel", "0.1"],
+        "muon": ["--optimizer", "muon", "--ema-sigma-rel", "0.1"],
+        "muonh": ["--optimizer", "muon", "--muon-fixed-norm", "1", "--ema-sigma-rel", "0.1"],
+        "edm2": ["--mode", "edm2", "--ema-sigma-rel", "0.1"],
+        "hypersphere": ["--mode", "hypersphere", "--ema-sigma-rel", "0.1"],
     },
 }
 

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
 from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
-from ema import PowerEMA
+from ema import PowerEMA, save_snapshot
 from muon import Muon
 
 
@@ -65,6 +64,7 @@ class TrainConfig:
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
     muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
     ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
+    ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often, for ema.py
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_tokens: int = 10_485_760  # the same first val tokens every time
@@ -388,15 +388,18 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         raw_model.loss_chunk_elements = 0
     optimizers = build_optimizers(cfg, raw_model, device_type)
     params = list(raw_model.parameters())
-    ema = PowerEMA(params, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
+    # the EMA that is evaluated, and for post-hoc snapshots a second of half its width (EDM2 stores two, 0.05 and
+    # 0.10: the fit of other widths from two profiles is ~20x closer than from one, see ema.py)
+    widths = [cfg.ema_sigma_rel, cfg.ema_sigma_rel / 2][: 2 if cfg.ema_snapshot_every else 1] if cfg.ema_sigma_rel else []
+    emas = [PowerEMA(params, width) for width in widths]
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
         train_loader.load_state_dict(ckpt["loader"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+        for ema, state in zip(emas, ckpt["emas"], strict=True):
+            ema.load_state_dict(state)
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")
@@ -428,8 +431,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
             log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
             log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
-            if ema is not None and step > 0:
-                with ema.swapped_in(params):
+            if emas and step > 0:
+                with emas[0].swapped_in(params):
                     result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
                 log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
                 log.print(f"step {step:6d} | val loss of the EMA (sigma_rel {cfg.ema_sigma_rel}) {result['val_loss_ema']:.4f}")
@@ -443,11 +446,15 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             texts = samples(raw_model, cfg.sample_prompt, cfg.seed, d.device, autocast)
             log.event("sample", step, tokens(), elapsed(), samples=texts)
             log.print("\n".join(f"sample: {t!r}" for t in texts))
+        snapshot_due = cfg.ema_snapshot_every and step % cfg.ema_snapshot_every == 0 and step > max(resumed_at, 0)
+        if emas and snapshot_due and d.master:
+            names = [name for name, _ in raw_model.named_parameters()]
+            log.print(f"saved {save_snapshot(run_dir, emas, names, dataclasses.asdict(cfg.model))}")
         if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stopping):
             if d.master:
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
-                         "evaluated": not stopping, "ema": ema.state_dict() if ema is not None else None,
+                         "evaluated": not stopping, "emas": [e.state_dict() for e in emas],
                          "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model)}
                 log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
@@ -487,7 +494,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         raw_model.project_weights()  # edm2 / hypersphere: constrained weights back on their spheres
-        if ema is not None:
+        for ema in emas:
             ema.update(step + 1)  # step + 1 optimizer steps done
         if device_type == "cuda":
             torch.cuda.synchronize()

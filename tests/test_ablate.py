@@ -2,13 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import ablate
-from conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # a very small model on few tokens, after `--`: applies to every config

@@ -5,9 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import model as model_module
 from model import GPT, GPTConfig, apply_rope, attention, flex_attend, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
