@@ -143,12 +143,11 @@ def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None):
         causal = q_idx >= kv_idx
         return causal & (q_idx - kv_idx < window) if window else causal
 
-    T = q.size(2)
+    T, gqa = q.size(2), q.size(1) != k.size(1)
     block_mask = fa.create_block_mask(visible, None, None, T, T, device=q.device)
-    y, aux = fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
-                               return_aux=fa.AuxRequest(lse=True))
     if sinks is None:
-        return y
+        return fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    y, aux = fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True))
     return y * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
 
 

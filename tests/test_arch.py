@@ -206,3 +206,12 @@ def test_switches_compile(switch):
     assert abs(compiled.item() - eager.item()) < 1e-4
     for p, g in zip(model.parameters(), eager_grads):
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-3)
+
+
+def test_flex_window_path_compiles():
+    """FlexAttention with its block mask built inside the compiled function, as it runs on CUDA (CPU inductor
+    compiles FlexAttention for inference without log-sum-exp only, so: a window, GQA, no grad, no sinks)."""
+    q, k, v, _ = (t.detach() for t in _qkv(2, T=40))
+    with torch.no_grad():
+        compiled = torch.compile(flex_attend)(q, k, v, 5, None)
+    assert (compiled.double() - naive_attention(q, k, v, 0, 5, None)).abs().max() < 1e-5
