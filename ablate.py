@@ -56,6 +56,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "untied": ["--tie-head", "0"],
         "zero-init": ["--zero-init", "1"],
         "softcap": ["--softcap", "30"],
+        "baseline-seed2": ["--seed", "2"],  # the baseline again from another init: how big is the noise?
     },
     # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
     "constraints": {

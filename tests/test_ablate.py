@@ -6,6 +6,7 @@ import os
 import pytest
 
 import ablate
+import train_gpt2
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # a very small model on few tokens, after `--`: applies to every config
@@ -91,3 +92,13 @@ def test_unknown_suite_or_config_is_a_usage_error(capsys):
         ablate.main(["arch", "--only", "baseline,rop"])
     err = capsys.readouterr().err
     assert "'rop'" in err and "'rope'" in err
+
+
+@pytest.mark.parametrize("suite", sorted(ablate.SUITES))
+def test_every_suite_config_is_a_valid_train_config(suite):
+    for name, flags in ablate.SUITES[suite].items():
+        train_gpt2.parse_config(["--preset", "tiny", *flags])  # argparse exits on an unknown flag or bad value
+    # the "modern" config written as flags is exactly the tiny-modern preset
+    as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(train_gpt2.MODERN), "--run-name", "x"])
+    preset, _ = train_gpt2.parse_config(["--preset", "tiny-modern", "--run-name", "x"])
+    assert as_flags == preset
