@@ -60,6 +60,8 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+        if min(self.n_kv_head, self.window, self.softcap) < 0:
+            raise ValueError("n_kv_head, window and softcap must be >= 0 (0: off)")
         if self.mode != "gpt2" and self.zero_init:
             raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
 
@@ -74,8 +76,10 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
-        keep = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head")
-        same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in keep)
+        # sizes may differ, and so may rope_theta and mp_blend: they do nothing without rope and edm2
+        free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
+                "mp_blend")
+        same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 
 
@@ -117,8 +121,8 @@ def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | No
         # a prefill (start 0) is the usual causal square; a decode step (one query) sees every cached key
         assert start == 0 or q.size(2) == 1, "KV cache supports a prefill then one token at a time"
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, enable_gqa=gqa)
-    if q.is_cuda and start == 0:
-        return flex_attend(q, k, v, window, sinks)
+    if q.is_cuda and start == 0:  # (fp32 norms under autocast may have promoted q, k: FlexAttention wants one dtype)
+        return flex_attend(q.to(v.dtype), k.to(v.dtype), v, window, sinks)
     # CPU/MPS (FlexAttention has no backward there) and KV-cache steps: the scores written out
     if gqa:
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
@@ -230,8 +234,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = linear(config, config.n_embd, config.n_embd, into_embedding=True)
         self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
         self.mode, self.qk_norm = config.mode, config.qk_norm
-        if self.mode == "hypersphere":  # nGPT: unit q, k per head, rescaled by a learned per-dimension s_qk (init 1)
-            self.s_qk = nn.Parameter(torch.full((self.head_dim,), config.n_embd**-0.5))
+        if self.mode == "hypersphere":  # nGPT: unit q, k per head, rescaled by a learned s_qk per head and dimension
+            self.s_qk = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))  # init 1; 1-D: no decay, no Muon
             self.s_qk_scale = math.sqrt(config.n_embd)
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
@@ -244,9 +248,11 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.mode == "hypersphere":  # cosine similarities scaled by sqrt(d) instead of 1/sqrt(d): q gets d
-            s_qk = self.s_qk * self.s_qk_scale
-            q, k = unit(q) * s_qk * self.head_dim, unit(k) * s_qk
+        if self.mode == "hypersphere":
+            # nGPT scales q and k by s_qk: (s * q) . (s * k) = (s^2 * q) . k, so q alone carries s^2 (which also
+            # serves grouped-query attention); and sqrt(d) instead of 1/sqrt(d) for unit vectors: q gets d
+            s_qk = (self.s_qk * self.s_qk_scale).view(self.n_head, 1, self.head_dim)
+            q, k = unit(q) * s_qk.square() * self.head_dim, unit(k)
         start = 0
         if cache is not None:
             start = cache.pos

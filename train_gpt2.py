@@ -110,7 +110,7 @@ RESUME_MUST_MATCH = (
     "data_dir", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "ema_sigma_rel",
-    "seed",
+    "ema_snapshot_every", "seed",
 )
 
 
@@ -136,6 +136,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
         parser.error(str(e))
     cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
     cfg.run_name = cfg.run_name or args.preset
+    if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
+        parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
+    if not 0 <= cfg.ema_sigma_rel <= 0.3:
+        parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
+    if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
+        parser.error("--ema-snapshot-every needs --ema-sigma-rel")
     return cfg, args.preset
 
 
@@ -272,8 +278,12 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
-    pairs = [(k, saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
-    pairs += [(f.name, saved["model"].get(f.name), getattr(cfg.model, f.name)) for f in dataclasses.fields(GPTConfig)]
+    # a setting missing from an older checkpoint did not exist then: the run had it at its default (off)
+    defaults = TrainConfig()
+    saved_model = saved.get("model", saved)  # older checkpoints kept n_layer etc. at the top level
+    pairs = [(k, saved.get(k, getattr(defaults, k)), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
+    pairs += [(f.name, saved_model.get(f.name, getattr(defaults.model, f.name)), getattr(cfg.model, f.name))
+              for f in MODEL_FIELDS]
     diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
@@ -398,8 +408,11 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
         train_loader.load_state_dict(ckpt["loader"])
-        for ema, state in zip(emas, ckpt["emas"], strict=True):
+        for ema, state in zip(emas, ckpt.get("emas", []), strict=True):
             ema.load_state_dict(state)
+        for snapshot in glob.glob(os.path.join(run_dir, "ema", "ema_*.pt")):  # from an abandoned later timeline
+            if int(os.path.basename(snapshot)[4:-3]) > ckpt["step"]:
+                os.remove(snapshot)
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")

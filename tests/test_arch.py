@@ -36,6 +36,7 @@ def naive_attention(q, k, v, start, window, sinks):
 
 ATTENTION_CASES = [  # (Hkv, window, sinks)
     (4, 0, False), (4, 5, False), (4, 0, True), (4, 5, True), (2, 5, True), (1, 0, True), (2, 40, False),
+    (2, 0, False), (1, 0, False),
 ]
 
 
@@ -128,7 +129,7 @@ def test_switch_trains_and_both_loss_paths_agree(switch):
     assert model(x, y, return_logits=False)[1].item() < chunked.item()
 
 
-@pytest.mark.parametrize("switch", [ALL_ON, dict(pos="rope", window=5), dict(sinks=True, n_kv_head=1)])
+@pytest.mark.parametrize("switch", [ALL_ON, dict(pos="rope", window=5), dict(sinks=True, n_kv_head=1), dict(n_kv_head=2)])
 def test_kv_cache_generation_equals_full_rerun(switch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**SMALL, **switch, "zero_init": False})).eval()  # zero-init blocks would ignore context
