@@ -167,3 +167,18 @@ def test_unknown_preset_and_changed_resume_config(shards, tmp_path, capsys):
     run(shards, tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     with pytest.raises(SystemExit, match="--n-embd: checkpoint 32, now 64"):
         run(shards, tmp_path, "--max-steps", "2", "--n-embd", "64")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--muon-fixed-norm", "1"], "needs --optimizer muon"),
+    (["--optimizer", "muon", "--muon-fixed-norm", "1", "--zero-init", "1"], "zero matrix would stay zero"),
+    (["--ema-sigma-rel", "0.5"], "--ema-sigma-rel must be in"),
+    (["--ema-snapshot-every", "10"], "needs --ema-sigma-rel"),
+    (["--window", "-1"], "must be >= 0"),
+    (["--n-kv-head", "5"], "n_head 12 is not divisible by n_kv_head 5"),
+    (["--mode", "edm2", "--zero-init", "1"], "no direction"),
+])
+def test_inconsistent_flags_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit):
+        train_gpt2.parse_config(args)
+    assert message in capsys.readouterr().err
