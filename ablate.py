@@ -39,6 +39,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "modern": {
         "baseline": [],
         "muon": ["--optimizer", "muon"],
+        "wsd": ["--schedule", "wsd"],
         "modern": flags(MODERN),  # the gpt2-124m-modern / tiny-modern switches on top of the chosen preset
     },
     # each architecture switch alone on top of the GPT-2 baseline
