@@ -15,6 +15,7 @@ from pathlib import Path
 
 # Figure (not pyplot) renders headless through Agg and keeps no global figure state,
 # so other scripts can call plot_runs() whatever backend they use.
+import matplotlib
 from matplotlib.figure import Figure
 
 # Reference scores at the 124M size.
@@ -160,29 +161,41 @@ def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens
         ("hellaswag", "acc_norm", "HellaSwag acc_norm"),
     ]
     ref = {"color": "black", "linestyle": "--", "linewidth": 1}
-    axes[1].axhline(GPT2_VAL_LOSS, label=f"OpenAI GPT-2 124M ({GPT2_VAL_LOSS})", **ref)
     axes[2].axhline(GPT2_HELLASWAG, label=f"OpenAI GPT-2 124M ({GPT2_HELLASWAG})", **ref)
     axes[2].axhline(GPT3_HELLASWAG, label=f"GPT-3 124M ({GPT3_HELLASWAG})", **(ref | {"linestyle": ":"}))
+    # one color per run, the same in every panel; beyond 10 runs the default cycle would repeat colors
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
 
     for ax, (kind, key, title) in zip(axes, panels):
-        has_data = False
+        has_data, shown = False, []  # shown: plotted y values that decide the y range
         for i, (name, run) in enumerate(runs.items()):
             records = [r for r in run.get(kind, []) if r.get(key) is not None and r.get(x) is not None]
             if not records:
                 continue
             has_data = True
-            color = f"C{i % 10}"  # same color for a run in every panel
+            color = palette[i % len(palette)]
             xs = [r[x] / divisor for r in records]
             ys = [r[key] for r in records]
             if kind == "train" and smooth:
                 ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)  # raw, faint
                 ys = ema(ys, smooth)
+            shown += ys[len(ys) // 10 :] if kind == "train" else [y for r, y in zip(records, ys) if r["step"] > 0]
             # evals are sparse: markers show where each one was taken
             ax.plot(xs, ys, color=color, label=name, marker=None if kind == "train" else "o", markersize=3)
             weight_ema = [r for r in run.get("val_ema", []) if r.get(x) is not None] if kind == "val" else []
             if weight_ema:  # the val loss of the run's weight EMA (train_gpt2.py --ema-sigma-rel): same color, dashed
                 ax.plot([r[x] / divisor for r in weight_ema], [r["loss"] for r in weight_ema], color=color, linestyle="--",
                         marker="o", markersize=2, label=f"{name} EMA")
+                shown += [r["loss"] for r in weight_ema]
+        if kind != "hellaswag" and shown:
+            # losses: zoom on where the runs differ, past the first tenth of training (train) or the
+            # step-0 eval (val) that would squash every curve into a flat line at the bottom
+            lo, hi = min(shown), max(shown)
+            pad = 0.05 * (hi - lo) or 0.1
+            ax.set_ylim(lo - pad, hi + pad)
+            if kind == "val" and lo - pad < GPT2_VAL_LOSS + 1:  # the GPT-2 reference, once the runs come near it
+                ax.axhline(GPT2_VAL_LOSS, label=f"OpenAI GPT-2 124M ({GPT2_VAL_LOSS})", **ref)
+                ax.set_ylim(min(lo, GPT2_VAL_LOSS) - pad, hi + pad)
         if not has_data:
             ax.text(0.5, 0.5, f"no {kind} records", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(title)
