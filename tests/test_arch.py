@@ -193,8 +193,15 @@ def test_sink_limits_and_wide_window_are_plain_attention():
         assert torch.allclose(other(x)[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("switch", [ALL_ON, dict(mlp="relu2", softcap=30.0)], ids=["all-on", "relu2"])
-def test_switches_compile(switch):
+COMPILE_CASES = {  # every switch and mode in three compiles (each costs 20-40 s on 2 cores)
+    "all-on": ALL_ON,
+    "edm2-relu2": dict(mode="edm2", mlp="relu2", softcap=30.0, window=8),
+    "hypersphere": dict(mode="hypersphere", pos="rope", mlp="swiglu", sinks=True, n_kv_head=2),
+}
+
+
+@pytest.mark.parametrize("switch", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
+def test_switches_and_modes_compile(switch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL, **switch))
     x, y = _batch()

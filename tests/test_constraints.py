@@ -1,5 +1,6 @@
-"""Weight-constrained modes (edm2, hypersphere) and MuonH: the norms they promise hold after training, EDM2
-keeps activations at unit scale through depth, each mode learns and compiles, and DDP ranks stay identical."""
+"""Weight-constrained modes (edm2, hypersphere), MuonH and the weight EMA: the norms they promise hold after
+training, EDM2 keeps activations at unit scale through depth, each mode learns, DDP ranks stay identical (compiling
+the modes: test_arch.py), and the EMA is the average it claims to be, resumes exactly and is reconstructed post hoc."""
 
 import json
 import math
@@ -100,23 +101,6 @@ def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows():
     # measured (2026-11-24): edm2 stays within 0.96-1.03 at every depth; GPT-2's grows from 0.0286 to 0.0489 (1.7x)
     assert all(0.9 < r < 1.1 for r in edm2), edm2
     assert gpt2[-1] / gpt2[0] > 1.4, gpt2
-
-
-@pytest.mark.parametrize("mode", ["edm2", "hypersphere"])
-def test_mode_compiles(mode):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, mode=mode, pos="rope", mlp="swiglu"))
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)
-    _, eager = model(x, y, return_logits=False)
-    eager.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    _, compiled = torch.compile(model)(x, y, return_logits=False)
-    compiled.backward()
-    assert abs(compiled.item() - eager.item()) < 1e-4
-    for p, g in zip(model.parameters(), eager_grads):
-        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-3)
 
 
 def _ddp_rank(rank, world, port, mode, out):
