@@ -276,7 +276,9 @@ class MLP(nn.Module):
         if self.mode == "edm2":  # the activation divided by its RMS on unit Gaussians keeps unit variance
             # (swiglu: silu(gate) times an independent unit-variance `up` has the RMS of silu alone)
             self.gain = unit_rms_gain(F.silu if self.kind == "swiglu" else self.activation)
-        if self.mode == "hypersphere":  # nGPT: unit-sphere dot products are small; a learned scale, times sqrt(C)
+        # nGPT: unit-sphere dot products are small; a learned scale, times sqrt(C) (which swiglu's `up` half gets
+        # too: a constant factor on the block's output, which the residual update normalizes away)
+        if self.mode == "hypersphere":
             self.s_fc = nn.Parameter(torch.ones(self.c_fc.out_features))
             self.s_scale = math.sqrt(config.n_embd)
 

@@ -48,6 +48,7 @@ def _qkv(hkv, T=24, seed=0):
     return q, k, v, sinks
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
 @pytest.mark.parametrize("hkv,window,use_sinks", ATTENTION_CASES)
 def test_attention_equals_naive_reference(hkv, window, use_sinks, monkeypatch):
     q, k, v, sinks = _qkv(hkv)
