@@ -31,7 +31,8 @@ TRAIN = Path(__file__).resolve().parent / "train_gpt2.py"
 
 def flags(values: dict) -> list[str]:
     """{"n_kv_head": 2, "qk_norm": True} -> ["--n-kv-head", "2", "--qk-norm", "1"]"""
-    return [arg for k, v in values.items() for arg in ("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v))]
+    pairs = [("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v)) for k, v in values.items()]
+    return [arg for pair in pairs for arg in pair]
 
 # suite -> {config name -> train_gpt2.py flags}, in plotting order; the first config is the baseline
 SUITES: dict[str, dict[str, list[str]]] = {

@@ -184,7 +184,7 @@ def save_snapshot(run_dir: str, emas: list[PowerEMA], names: list[str], model_co
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description="Reconstruct a power-function EMA of any width from a run's snapshots.")
+    parser = argparse.ArgumentParser(description="A power-function EMA of any width from a run's snapshots.")
     parser.add_argument("run_dir", help="a train_gpt2.py run folder with ema/ema_*.pt (--ema-snapshot-every)")
     parser.add_argument("--sigma-rel", type=float, required=True, help="the width to reconstruct, e.g. 0.07")
     parser.add_argument("--step", type=int, help="the step to reconstruct at (default: the last snapshot's)")
@@ -211,7 +211,8 @@ def main(argv=None) -> str:
         for name, t in zip(files[-1]["names"], tensors, strict=True):
             model.get_parameter(name).copy_(t)
     out = args.out or os.path.join(args.run_dir, f"ema_{args.sigma_rel:.3f}_{step:07d}.pt")
-    torch.save({"model": model.state_dict(), "model_config": config, "step": step, "ema_sigma_rel": args.sigma_rel}, out)
+    state = {"model": model.state_dict(), "model_config": config, "step": step, "ema_sigma_rel": args.sigma_rel}
+    torch.save(state, out)
     print(f"sigma_rel {args.sigma_rel} at step {step} from {len(snaps)} snapshots -> {out}")
     return out
 

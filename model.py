@@ -32,7 +32,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     # architecture switches; the defaults are GPT-2
-    n_kv_head: int = 0  # grouped-query attention: key/value heads, each shared by n_head // n_kv_head queries; 0 = n_head
+    n_kv_head: int = 0  # grouped-query attention: key/value heads, each shared by n_head // n_kv_head; 0 = n_head
     norm: str = "layernorm"  # layernorm | rmsnorm
     bias: bool = True  # biases in the linear layers and LayerNorms
     pos: str = "learned"  # learned (absolute position table) | rope (rotary, on queries and keys)
@@ -235,7 +235,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
         self.mode, self.qk_norm = config.mode, config.qk_norm
         if self.mode == "hypersphere":  # nGPT: unit q, k per head, rescaled by a learned s_qk per head and dimension
-            self.s_qk = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))  # init 1; 1-D: no decay, no Muon
+            # effective init 1; 1-D, so neither weight decay nor Muon touch it
+            self.s_qk = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
             self.s_qk_scale = math.sqrt(config.n_embd)
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
@@ -499,7 +500,8 @@ class GPT(nn.Module):
         N counts matmul weights only: the position table (and an untied token table), biases and norms do no
         matmul. Sliding windows skip some attention work that this count (like MFU conventions) still includes."""
         c = self.config
-        lookups = [m.weight.numel() for name, m in self.transformer.items() if name == "wpe" or (name == "wte" and not c.tie_head)]
+        lookups = [m.weight.numel() for name, m in self.transformer.items()
+                   if name == "wpe" or (name == "wte" and not c.tie_head)]
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 

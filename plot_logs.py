@@ -184,8 +184,8 @@ def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens
             ax.plot(xs, ys, color=color, label=name, marker=None if kind == "train" else "o", markersize=3)
             weight_ema = [r for r in run.get("val_ema", []) if r.get(x) is not None] if kind == "val" else []
             if weight_ema:  # the val loss of the run's weight EMA (train_gpt2.py --ema-sigma-rel): same color, dashed
-                ax.plot([r[x] / divisor for r in weight_ema], [r["loss"] for r in weight_ema], color=color, linestyle="--",
-                        marker="o", markersize=2, label=f"{name} EMA")
+                ax.plot([r[x] / divisor for r in weight_ema], [r["loss"] for r in weight_ema], color=color,
+                        linestyle="--", marker="o", markersize=2, label=f"{name} EMA")
                 shown += [r["loss"] for r in weight_ema]
         if kind != "hellaswag" and shown:
             # losses: zoom on where the runs differ, past the first tenth of training (train) or the

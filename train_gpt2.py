@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
-from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from ema import PowerEMA, save_snapshot
+from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from muon import Muon
 
 
@@ -399,9 +399,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         raw_model.loss_chunk_elements = 0
     optimizers = build_optimizers(cfg, raw_model, device_type)
     params = list(raw_model.parameters())
-    # the EMA that is evaluated, and for post-hoc snapshots a second of half its width (EDM2 stores two, 0.05 and
-    # 0.10: the fit of other widths from two profiles is ~20x closer than from one, see ema.py)
-    widths = [cfg.ema_sigma_rel, cfg.ema_sigma_rel / 2][: 2 if cfg.ema_snapshot_every else 1] if cfg.ema_sigma_rel else []
+    widths = [cfg.ema_sigma_rel] if cfg.ema_sigma_rel else []  # the EMA that is evaluated
+    if cfg.ema_snapshot_every:  # post-hoc fits of other widths are ~20x closer from two widths than one (ema.py)
+        widths.append(cfg.ema_sigma_rel / 2)
     emas = [PowerEMA(params, width) for width in widths]
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
@@ -449,7 +449,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                 with emas[0].swapped_in(params):
                     result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
                 log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
-                log.print(f"step {step:6d} | val loss of the EMA (sigma_rel {cfg.ema_sigma_rel}) {result['val_loss_ema']:.4f}")
+                log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} (sigma_rel {cfg.ema_sigma_rel})")
         if due(cfg.hellaswag_every):
             hs = hellaswag.evaluate(model, hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
                                     autocast_dtype=dtype if dtype != torch.float32 else None)
@@ -526,6 +526,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
 
     stop.restore()
     if d.world_size > 1:
+        del train_model  # DDP's reducer before the process group it uses (the other order can abort at exit)
         dist.destroy_process_group()
     return {"step": step, **result}
 

@@ -130,7 +130,8 @@ def test_switch_trains_and_both_loss_paths_agree(switch):
     assert model(x, y, return_logits=False)[1].item() < chunked.item()
 
 
-@pytest.mark.parametrize("switch", [ALL_ON, dict(pos="rope", window=5), dict(sinks=True, n_kv_head=1), dict(n_kv_head=2)])
+@pytest.mark.parametrize("switch", [ALL_ON, dict(pos="rope", window=5), dict(sinks=True, n_kv_head=1),
+                                    dict(n_kv_head=2)])
 def test_kv_cache_generation_equals_full_rerun(switch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**SMALL, **switch, "zero_init": False})).eval()  # zero-init blocks would ignore context

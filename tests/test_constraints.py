@@ -67,7 +67,8 @@ def test_mode_learns_and_keeps_its_norms(shards, tmp_path, mode):
 
 def test_muon_with_fixed_norm_keeps_each_matrix_norm(shards, tmp_path):
     torch.manual_seed(1337)  # the loop's seed: the same initial weights as the run's
-    initial = {n: p.norm().item() for n, p in GPT(GPTConfig(**{**SMALL, "block_size": 32, "n_head": 2})).named_parameters()}
+    same_as_the_run = GPT(GPTConfig(**{**SMALL, "n_head": 2}))
+    initial = {n: p.norm().item() for n, p in same_as_the_run.named_parameters()}
     _, model = run_loop(shards, tmp_path, "--optimizer", "muon", "--muon-fixed-norm", "1", "--max-steps", "20",
                         "--val-every", "0")
     hidden = {id(p) for p in model.hidden_matrices()}
@@ -125,6 +126,8 @@ def _ddp_rank(rank, world, port, mode, out):
     dist.all_gather(gathered, weights)
     if rank == 0:
         torch.save(gathered, out)
+    del ddp  # the DDP reducer's threads must be gone before the process group (else a rare abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -159,7 +162,8 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
 
     def power_average(sigma_rel):  # EDM2's profile: the weights after step i count i^gamma
         gamma = ema.sigma_rel_to_gamma(sigma_rel)
-        return sum(i**gamma * s["model"][key].double() for i, s in enumerate(states, 1)) / sum(i**gamma for i in range(1, 9))
+        weighted = sum(i**gamma * s["model"][key].double() for i, s in enumerate(states, 1))
+        return weighted / sum(i**gamma for i in range(1, 9))
 
     names = [n for n, _ in GPT(GPTConfig(**states[-1]["model_config"])).named_parameters()]
     assert torch.allclose(states[-1]["emas"][0]["ema"][names.index(key)].double(), power_average(0.1), atol=1e-6)
