@@ -118,12 +118,10 @@ class PowerEMA:
             e.copy_(saved)  # onto this EMA's device, whatever map_location the checkpoint was loaded with
 
     @contextlib.contextmanager
-    def swapped_in(self, params: list[torch.Tensor]):
-        """Params hold the EMA values (cast to their dtype) inside the block; their exact originals are put back after,
-        also on an exception. Costs one copy of the params."""
-        params = list(params)
-        if len(params) != len(self.ema) or any(p.shape != e.shape for p, e in zip(params, self.ema)):
-            raise ValueError("params do not match the EMA")
+    def swapped_in(self):
+        """The params hold the EMA values (cast to their dtype) inside the block; their exact originals are put back
+        after, also on an exception. Costs one copy of the params."""
+        params = self.params
         with torch.no_grad():
             backup = [p.detach().clone() for p in params]
             for p, e in zip(params, self.ema):
@@ -172,15 +170,31 @@ def posthoc_reconstruct(snapshot_tensors: list[list[torch.Tensor]], coefficients
 # ---------------------------------------------------------------------- snapshots on disk and the post-hoc CLI
 
 
+def snapshot_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "ema", f"ema_{step:07d}.pt")
+
+
+def snapshot_paths(run_dir: str) -> list[str]:
+    """A run's snapshots in step order (the steps are zero-padded, so names sort like steps)."""
+    return sorted(glob.glob(os.path.join(run_dir, "ema", "ema_*.pt")))
+
+
 def save_snapshot(run_dir: str, emas: list[PowerEMA], names: list[str], model_config: dict) -> str:
     """The EMAs at their current step, with the parameter names and model config needed to rebuild a model."""
     os.makedirs(os.path.join(run_dir, "ema"), exist_ok=True)
-    path = os.path.join(run_dir, "ema", f"ema_{emas[0].step:07d}.pt")
+    path = snapshot_path(run_dir, emas[0].step)
     snapshot = {"step": emas[0].step, "sigma_rel": [e.sigma_rel for e in emas], "ema": [e.ema for e in emas],
                 "names": names, "model_config": model_config}
     torch.save(snapshot, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash leaves no half-written snapshot
     return path
+
+
+def remove_snapshots_after(run_dir: str, step: int):
+    """Snapshots past `step` belong to a timeline abandoned by resuming from an earlier checkpoint."""
+    for path in snapshot_paths(run_dir):
+        if path > snapshot_path(run_dir, step):
+            os.remove(path)
 
 
 def main(argv=None) -> str:
@@ -190,7 +204,7 @@ def main(argv=None) -> str:
     parser.add_argument("--step", type=int, help="the step to reconstruct at (default: the last snapshot's)")
     parser.add_argument("--out", help="default: RUN_DIR/ema_<sigma_rel>_<step>.pt")
     args = parser.parse_args(argv)
-    paths = sorted(glob.glob(os.path.join(args.run_dir, "ema", "ema_*.pt")))
+    paths = snapshot_paths(args.run_dir)
     if not paths:
         parser.error(f"no snapshots in {args.run_dir}/ema: train with --ema-sigma-rel S --ema-snapshot-every N")
     # memory-mapped: only the tensors being summed are read, so many snapshots of a large model fit in memory

@@ -487,9 +487,9 @@ class GPT(nn.Module):
         skip = {id(p) for p in exclude}
         constrained = {id(p) for p in self.constrained_weights()}  # normalized anyway: decay would do nothing useful
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
-        decay = [p for p in params if p.dim() >= 2 and id(p) not in constrained]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": [p for p in params if id(p) not in {id(q) for q in decay}], "weight_decay": 0.0}]
+        decays = [p.dim() >= 2 and id(p) not in constrained for p in params]
+        groups = [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": weight_decay},
+                  {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))

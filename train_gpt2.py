@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
-from ema import PowerEMA, save_snapshot
+from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
 from muon import Muon
 
@@ -411,9 +411,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         train_loader.load_state_dict(ckpt["loader"])
         for ema, state in zip(emas, ckpt.get("emas", []), strict=True):
             ema.load_state_dict(state)
-        for snapshot in glob.glob(os.path.join(run_dir, "ema", "ema_*.pt")):  # from an abandoned later timeline
-            if int(os.path.basename(snapshot)[4:-3]) > ckpt["step"]:
-                os.remove(snapshot)
+        remove_snapshots_after(run_dir, ckpt["step"])
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")
@@ -446,7 +444,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
             log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
             if emas and step > 0:
-                with emas[0].swapped_in(params):
+                with emas[0].swapped_in():
                     result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
                 log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
                 log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} (sigma_rel {cfg.ema_sigma_rel})")

@@ -177,3 +177,8 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
         expected, raw = power_average(sigma_rel), states[-1]["model"][key].double()
         assert (got - expected).norm() <= 1e-4 * (expected - raw).norm(), sigma_rel  # relative to the EMA's effect
     hellaswag.main(["--checkpoint", out, "--data", str(ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"), "--device", "cpu"])
+    # resuming from an earlier checkpoint abandons the later timeline: its snapshots go with its checkpoints
+    earlier = str(tmp_path / "every" / "ckpt_0000004.pt")
+    run_loop(shards, tmp_path, "--max-steps", "8", "--val-every", "0", "--checkpoint-every", "1", "--keep-checkpoints",
+             "0", "--ema-sigma-rel", "0.1", "--ema-snapshot-every", "2", "--resume", earlier, "--stop-at", "5", name="every")
+    assert sorted(p.name for p in (tmp_path / "every" / "ema").iterdir()) == ["ema_0000002.pt", "ema_0000004.pt"]

@@ -113,14 +113,14 @@ def test_swapped_in(dtype):
             p.copy_(torch.randn(p.shape, generator=g))
     before = [p.detach().clone() for p in params]
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
-    with ema.swapped_in(params):
+    with ema.swapped_in():
         for p, traj in zip(params, trajectories):
             assert p.dtype == dtype
             # the EMA, cast: against the float64 reference within the dtype's rounding
             torch.testing.assert_close(p.detach().double(), weighted_average(traj, ema.gamma), **tol)
     for p, b in zip(params, before):
         assert torch.equal(p, b)
-    with pytest.raises(RuntimeError, match="boom"), ema.swapped_in(params):
+    with pytest.raises(RuntimeError, match="boom"), ema.swapped_in():
         raise RuntimeError("boom")  # an error during evaluation must still restore the weights
     for p, b in zip(params, before):
         assert torch.equal(p, b)
