@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, autocast_dtype, mfu_peak, pick_device
+from model import GPT
+from runtime import autocast_dtype, mfu_peak, pick_device
 from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
 

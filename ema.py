@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from runtime import atomic_write
+
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2 (root of gamma^2 + 3 gamma + 1,
 # where d/dgamma log sigma_rel = 0), then falls towards 0; the EMAs worth having live on the falling branch
 _GAMMA_PEAK = (math.sqrt(5) - 3) / 2
@@ -185,8 +187,8 @@ def save_snapshot(run_dir: str, emas: list[PowerEMA], names: list[str], model_co
     path = snapshot_path(run_dir, emas[0].step)
     snapshot = {"step": emas[0].step, "sigma_rel": [e.sigma_rel for e in emas], "ema": [e.ema for e in emas],
                 "names": names, "model_config": model_config}
-    torch.save(snapshot, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash leaves no half-written snapshot
+    with atomic_write(path) as f:  # a crash leaves no half-written snapshot
+        torch.save(snapshot, f)
     return path
 
 

@@ -50,6 +50,7 @@ import tiktoken
 from tqdm import tqdm
 
 from dataloader import MANIFEST, SPLITS, DataError, check_shard, load_manifest, sha256_file
+from runtime import atomic_write
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 DEFAULT_SOURCE = "fineweb-edu:sample-10BT"
@@ -222,13 +223,9 @@ def _shard_end(buf: list[np.ndarray], n: int, target: int, whole_docs: bool, eot
 
 
 def _write_atomic(path: Path, write) -> None:
-    """write(f) to a temp file, flushed to disk, then renamed over `path`: readers see old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """write(f) into `path` atomically (readers see the old file or the new one, never half)."""
+    with atomic_write(path) as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ShardWriter:

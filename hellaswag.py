@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, pick_device
+from model import GPT, GPTConfig
+from runtime import atomic_write, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -57,19 +58,16 @@ def download(split: str, cache_dir: str | os.PathLike | None = None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     url = URL.format(split=split)
-    # A temporary name per process, then an atomic rename: DDP ranks may download at the same time, and an
-    # interrupted download never leaves a truncated file that would later be taken for the real one.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # atomic: DDP ranks may download at the same time (a temp file each), and an interrupted download never
+    # leaves a truncated file that would later be taken for the real one
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path) as f:
             shutil.copyfileobj(response, f)
     except OSError as e:  # urllib's URLError/HTTPError are OSErrors too
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download HellaSwag {split} from {url} ({e}); "
             f"without internet, pass a local copy instead: --data path/to/hellaswag_{split}.jsonl"
         ) from e
-    os.replace(tmp, path)
     return path
 
 
@@ -244,27 +242,18 @@ def main(argv: list[str] | None = None):
     except (OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
-    # under torchrun: one process per device, examples split across ranks
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args.device)
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
+    d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks
     model = GPT.from_pretrained(args.model) if args.model else load_checkpoint(args.checkpoint)
-    model = model.to(device).eval()
+    model = model.to(d.device).eval()
     if args.compile:
         model = torch.compile(model)
     autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    result = evaluate(model, examples, device, rank=rank, world_size=world_size, autocast_dtype=autocast_dtype,
+    result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size, autocast_dtype=autocast_dtype,
                       tokens_per_batch=args.tokens_per_batch)
-    if rank == 0:
+    if d.master:
         print(f"hellaswag {args.data}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
               f"count {result['count']} examples/s {result['examples_per_s']:.1f}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

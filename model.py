@@ -638,53 +638,6 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
-# ---------------------------------------------------------------------- FLOPs and device peaks
-
-# Dense bf16 tensor-core peaks in FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
-# Order matters: more specific names first.
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU by name, or None when unknown (CPU, MPS, unlisted GPUs)."""
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
-
-def mfu_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The peak that MFU is measured against: only known for bf16 on a listed GPU."""
-    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and dtype == torch.bfloat16 else None
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto': cuda > mps > cpu; anything else as torch names it."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on CUDA, fp32 (exact, no autocast) elsewhere; or 'float32' / 'bfloat16'."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 # ---------------------------------------------------------------------- HF layout helpers
 
 # HF's GPT-2 stores these linear layers as Conv1D, weight (in, out): transposed relative to nn.Linear.

@@ -27,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
-from model import ARCH_CHOICES, GPT, GPTConfig, autocast_dtype, mfu_peak, pick_device
+from model import ARCH_CHOICES, GPT, GPTConfig
 from muon import Muon
+from runtime import Dist, atomic_write, autocast_dtype, mfu_peak, setup_distributed
 
 
 @dataclass
@@ -146,36 +147,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
     return cfg, args.preset
 
 
-# ---------------------------------------------------------------------- distributed and device set-up
-
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> Dist:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (multi-node too); plain `python` runs one process."""
-    device = pick_device(device_name)
-    if "RANK" not in os.environ:
-        return Dist(0, 0, 1, device)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
-    # CPU ranks share the machine's cores instead of each spawning one thread per core
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("gloo")
-    return Dist(rank, local_rank, world, device)
+# ---------------------------------------------------------------------- logging
 
 
 class RunLog:
@@ -239,8 +211,8 @@ def checkpoint_paths(run_dir: str) -> list[str]:
 def save_checkpoint(run_dir: str, state: dict, keep: int):
     """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_write(path) as f:
+        torch.save(state, f)
     # later-step checkpoints belong to a timeline abandoned by `--resume earlier.pt`: auto-resume must not pick them
     newer = [p for p in checkpoint_paths(run_dir) if p > path]
     older = [p for p in checkpoint_paths(run_dir) if p <= path]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, GPTConfig, chunked_cross_entropy, peak_flops, sample_next
+from model import GPT, GPTConfig, chunked_cross_entropy, sample_next
+from runtime import peak_flops
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 
