@@ -4,13 +4,17 @@
     python ablate.py arch --data-dir data/shakespeare --only baseline,rope,swiglu
     python ablate.py arch --preset gpt2-124m --data-dir data/fineweb_edu --launcher "torchrun --nproc-per-node=8"
     python ablate.py modern --plot-only
+    python ablate.py modern --data-dir data/shakespeare --seeds 1337,2     # every config from two inits
 
 Each config of SUITES[suite] runs as its own train_gpt2.py process (fresh memory, nothing leaks from one
 run into the next) with the flags
     --preset PRESET <config's flags> [--data-dir DIR] --log-dir LOG_DIR/SUITE --run-name CONFIG <flags after -->
 argparse keeps the last value of a flag, so a config's flags override the common preset and the flags after
 `--` override both: they apply to every config alike. The runs land in LOG_DIR/SUITE/CONFIG/; the plot and
-the markdown table (with each final val loss minus the first config's) go to LOG_DIR/SUITE/SUITE.png and .md.
+the markdown table go to LOG_DIR/SUITE/SUITE.png and .md. The table measures each run against the first config
+(the baseline): its final val loss minus the baseline's, and time to quality, the first evaluated step whose val
+loss is at or below the baseline's final one (evaluate often, e.g. --val-every 10, to locate it). With --seeds,
+every config runs once per seed and a second table gives each config's mean, its seed spread and its mean steps.
 
 Re-running the same command is free for finished runs and continues interrupted ones: train_gpt2.py resumes
 each run from its latest checkpoint. It refuses to resume a run whose settings changed: delete that run's
@@ -71,20 +75,68 @@ SUITES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def train_argv(args, name: str, flags: list[str], extra: list[str]) -> list[str]:
+def train_argv(args, name: str, flags: list[str], extra: list[str], seed: int | None = None) -> list[str]:
     data = ["--data-dir", args.data_dir] if args.data_dir else []  # none: the preset's own data
     suite_dir = str(Path(args.log_dir) / args.suite)
-    return ["--preset", args.preset, *flags, *data, "--log-dir", suite_dir, "--run-name", name, *extra]
+    seeds = ["--seed", str(seed)] if seed is not None else []  # after the config's flags: every config, each seed
+    return ["--preset", args.preset, *flags, *seeds, *data, "--log-dir", suite_dir, "--run-name", name, *extra]
 
 
-def table_with_delta(runs: dict[str, dict[str, list[dict]]]) -> str:
-    """plot_logs' table plus a "vs baseline" column: final val loss minus the first run's."""
-    finals = [plot_logs.summarize(run)["final_val_loss"] for run in runs.values()]
+def run_names(configs: dict[str, list[str]], seeds: list[int] | None) -> dict[str, tuple[str, int | None]]:
+    """run name -> (config, seed): the config's name alone with one seed (or none given), else name-sSEED."""
+    if not seeds or len(seeds) == 1:
+        return {name: (name, seeds[0] if seeds else None) for name in configs}
+    return {f"{name}-s{seed}": (name, seed) for name in configs for seed in seeds}
+
+
+def steps_to(records: list[dict], target: float) -> int | None:
+    """The first evaluated step whose val loss is at or below target (None: never reached)."""
+    return next((r["step"] for r in records if r.get("loss") is not None and r["loss"] <= target), None)
+
+
+def _finals(runs, names) -> list[float]:
+    return [f for f in (plot_logs.summarize(runs[n])["final_val_loss"] for n in names) if f is not None]
+
+
+def table_with_delta(runs: dict[str, dict[str, list[dict]]], baseline: list[str] | None = None) -> str:
+    """plot_logs' table plus: final val loss minus the baseline's (the mean over the baseline's runs, by default
+    the first run), the first val step at or below the baseline's final val loss, and that step as a fraction
+    of the baseline's run length ("time to quality")."""
+    baseline = baseline or [next(iter(runs))]
+    base_finals = _finals(runs, baseline)
+    target = sum(base_finals) / len(base_finals) if base_finals else None
+    base_steps = plot_logs.summarize(runs[baseline[0]])["step"]
     lines = plot_logs.markdown_table(runs).splitlines()
-    lines[0] += " vs baseline |"
-    lines[1] += "---:|"
-    for i, final in enumerate(finals, start=2):
-        lines[i] += " - |" if final is None or finals[0] is None else f" {final - finals[0]:+.4f} |"
+    lines[0] += " vs baseline | steps to baseline | x baseline steps |"
+    lines[1] += "---:|---:|---:|"
+    for i, run in enumerate(runs.values(), start=2):
+        final = plot_logs.summarize(run)["final_val_loss"]
+        reached = steps_to(run.get("val", []), target) if target is not None else None
+        lines[i] += " - |" if final is None or target is None else f" {final - target:+.4f} |"
+        lines[i] += " - | - |" if reached is None else f" {reached} | {reached / base_steps:.2f} |"
+    return "\n".join(lines) + "\n"
+
+
+def seed_table(runs: dict[str, dict[str, list[dict]]], names: dict[str, tuple[str, int | None]]) -> str:
+    """One row per config over its seeds: mean final val loss, its spread (max - min), the mean's difference
+    to the baseline (the first config), and the mean steps to the baseline's mean final val loss."""
+    by_config: dict[str, list[str]] = {}
+    for run, (config, _) in names.items():
+        by_config.setdefault(config, []).append(run)
+    base_runs = next(iter(by_config.values()))
+    base_finals = _finals(runs, base_runs)
+    target = sum(base_finals) / len(base_finals)
+    base_steps = plot_logs.summarize(runs[base_runs[0]])["step"]
+    lines = ["| config | seeds | mean final val loss | seed spread | vs baseline | mean steps to baseline "
+             "| x baseline steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for config, run_list in by_config.items():
+        finals = _finals(runs, run_list)
+        mean = sum(finals) / len(finals)
+        reached = [steps_to(runs[r].get("val", []), target) for r in run_list]
+        steps = (f"{sum(reached) / len(reached):.0f} | {sum(reached) / len(reached) / base_steps:.2f}"
+                 if None not in reached else f"not all seeds ({sum(r is not None for r in reached)}/{len(reached)}) | -")
+        lines.append(f"| {config} | {len(finals)} | {mean:.4f} | {max(finals) - min(finals):.4f} | "
+                     f"{mean - target:+.4f} | {steps} |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +152,8 @@ def main(argv=None) -> str:
     parser.add_argument("--only", help="comma-separated configs to run and plot (default: all of the suite)")
     parser.add_argument("--launcher", default="", help='e.g. "torchrun --nproc-per-node=8" (default: this python)')
     parser.add_argument("--plot-only", action="store_true", help="no training: plot and tabulate the finished runs")
+    parser.add_argument("--seeds", help="comma-separated seeds: every config runs once per seed (runs NAME-sSEED) and "
+                        "a second table gives each config's mean and seed spread")
     args = parser.parse_args(ours)
 
     configs = SUITES[args.suite]
@@ -109,25 +163,30 @@ def main(argv=None) -> str:
         if unknown:
             parser.error(f"--only: unknown config(s) {unknown} in suite {args.suite!r}; choose from {list(configs)}")
         configs = {n: configs[n] for n in names}
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    names = run_names(configs, seeds)
     suite_dir = Path(args.log_dir) / args.suite
     launcher = shlex.split(args.launcher) or [sys.executable]
 
     if not args.plot_only:
-        for i, (name, flags) in enumerate(configs.items(), 1):
-            cmd = [*launcher, str(TRAIN), *train_argv(args, name, flags, extra)]
-            print(f"=== [{i}/{len(configs)}] {args.suite}/{name}: {shlex.join(cmd)}", flush=True)
+        for i, (name, (config, seed)) in enumerate(names.items(), 1):
+            cmd = [*launcher, str(TRAIN), *train_argv(args, name, configs[config], extra, seed)]
+            print(f"=== [{i}/{len(names)}] {args.suite}/{name}: {shlex.join(cmd)}", flush=True)
             # not captured: the run's progress streams straight to the terminal
             rc = subprocess.run(cmd).returncode
             if rc:
-                raise SystemExit(f"ablate: config {name!r} of suite {args.suite!r} failed (exit code {rc}); "
+                raise SystemExit(f"ablate: config {config!r} of suite {args.suite!r} failed (exit code {rc}); "
                                  f"see its output above. Re-running resumes it and skips the finished configs.")
 
-    missing = [n for n in configs if not (suite_dir / n / "metrics.jsonl").is_file()]
+    missing = [n for n in names if not (suite_dir / n / "metrics.jsonl").is_file()]
     if missing:
-        raise SystemExit(f"ablate: no metrics.jsonl in {suite_dir} for config(s) {missing}: run them first")
-    runs = {name: plot_logs.load_run(suite_dir / name) for name in configs}
+        raise SystemExit(f"ablate: no metrics.jsonl in {suite_dir} for run(s) {missing}: run them first")
+    runs = {name: plot_logs.load_run(suite_dir / name) for name in names}
     png = plot_logs.plot_runs(runs, suite_dir / f"{args.suite}.png")
-    table = table_with_delta(runs)
+    baseline = [n for n, (config, _) in names.items() if config == next(iter(configs))]
+    table = table_with_delta(runs, baseline)
+    if seeds and len(seeds) > 1:
+        table += "\n" + seed_table(runs, names)
     png.with_suffix(".md").write_text(table)
     print(table, end="")
     print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)

@@ -102,3 +102,47 @@ def test_every_suite_config_is_a_valid_train_config(suite):
     as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(train_gpt2.MODERN), "--run-name", "x"])
     preset, _ = train_gpt2.parse_config(["--preset", "tiny-modern", "--run-name", "x"])
     assert as_flags == preset
+
+
+def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:
+    """A run as plot_logs.load_run returns it, with val losses at steps 0, every, 2 * every, ..."""
+    return {"val": [{"kind": "val", "step": i * every, "tokens": i * every * 100, "loss": v} for i, v in enumerate(losses)]}
+
+
+def test_time_to_quality_columns_by_hand(tmp_path):
+    runs = {"baseline": val_run([9.0, 7.0, 6.5, 6.0]),  # ends at step 30 with 6.0
+            "fast": val_run([9.0, 6.2, 5.9, 5.5]),  # first at or below 6.0 at step 20
+            "slow": val_run([9.0, 8.0, 7.0, 6.1])}  # never gets there
+    md = tmp_path / "t.md"
+    md.write_text(ablate.table_with_delta(runs))
+    rows = table_rows(md)
+    assert [rows[n]["steps to baseline"] for n in runs] == ["30", "20", "-"]
+    assert [rows[n]["x baseline steps"] for n in runs] == ["1.00", "0.67", "-"]
+    assert [rows[n]["vs baseline"] for n in runs] == ["+0.0000", "-0.5000", "+0.1000"]
+
+
+def test_seed_table_means_spreads_and_steps_by_hand(tmp_path):
+    runs = {"baseline-s1": val_run([9.0, 7.0, 6.2]), "baseline-s2": val_run([9.0, 7.0, 6.0]),  # target 6.1
+            "x-s1": val_run([9.0, 6.1, 5.0]), "x-s2": val_run([9.0, 6.5, 5.2])}  # reach it at 10 and 20
+    names = {n: (n.split("-s")[0], int(n.split("-s")[1])) for n in runs}
+    md = tmp_path / "s.md"
+    md.write_text(ablate.seed_table(runs, names))
+    rows = table_rows(md)
+    assert rows["baseline"]["mean final val loss"] == "6.1000" and rows["baseline"]["seed spread"] == "0.2000"
+    assert rows["x"]["mean final val loss"] == "5.1000" and rows["x"]["vs baseline"] == "-1.0000"
+    assert rows["x"]["mean steps to baseline"] == "15" and rows["x"]["x baseline steps"] == "0.75"
+    # one baseline seed ends above the mean: not every seed of the baseline reaches it
+    assert rows["baseline"]["mean steps to baseline"].startswith("not all seeds (1/2)")
+
+
+def test_seeds_run_each_config_once_per_seed(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "SUITES", {"s": {"baseline": [], "lr": ["--max-lr", "1e-3"]}})
+    table = ablate.main(["s", "--data-dir", shards, "--log-dir", str(tmp_path), "--only", "baseline",
+                         "--seeds", "1,2", "--", *TINY[:TINY.index("--max-steps")], "--max-steps", "2",
+                         "--val-every", "2", "--sample-every", "0", "--checkpoint-every", "0"])
+    suite = tmp_path / "s"
+    seeds = {n: json.loads((suite / n / "config.json").read_text())["seed"] for n in ("baseline-s1", "baseline-s2")}
+    assert seeds == {"baseline-s1": 1, "baseline-s2": 2}
+    finals = [records(suite / n, "val")[-1]["loss"] for n in seeds]
+    assert finals[0] != finals[1]  # two inits really ran
+    assert f"| baseline | 2 | {sum(finals) / 2:.4f} | {abs(finals[0] - finals[1]):.4f} |" in table
