@@ -3,7 +3,8 @@
 A shard folder (built by fineweb_edu.py) holds uint16 `.npy` token shards and `manifest.json`, which
 lists every shard (file, split, tokens, docs, sha256). `ShardLoader` memory-maps the shards of one
 split and serves batches for one rank of a data-parallel run; its state (shard, pos, epoch) restores
-exactly. Check a folder by hand with `python dataloader.py DIR [--verify]`.
+exactly. Check a folder by hand with `python dataloader.py DIR [--verify]`. `target_bytes` and `bits_per_byte`
+turn a summed val loss into bits per UTF-8 byte of text, a figure that does not depend on the tokenizer.
 
 torch is imported inside ShardLoader only: fineweb_edu.py imports the manifest helpers below, and the
 tokenizer CLI should neither pay torch's import time nor need torch installed.
@@ -12,8 +13,10 @@ tokenizer CLI should neither pay torch's import time nor need torch installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +116,36 @@ def check_shard(data_dir: str | Path, entry: dict, manifest: dict, verify: bool 
     if verify and sha256_file(path) != entry["sha256"]:
         raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt); {fix}")
     return path
+
+
+@functools.cache
+def token_byte_lengths() -> np.ndarray:
+    """The UTF-8 byte length of every GPT-2 token id (index = id), as int64; <|endoftext|> counts 0 bytes,
+    since it marks where a document ends rather than standing for text in it."""
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    lengths[enc.eot_token] = 0
+    return lengths
+
+
+@functools.cache
+def _byte_lengths_on(device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(token_byte_lengths()).to(device)
+
+
+def target_bytes(targets: torch.Tensor) -> torch.Tensor:
+    """The UTF-8 bytes of text a batch of target ids stands for, summed: a 0-d int64 tensor on their device, so
+    that summing it over the val batches needs no host sync (a token that splits a character counts its share)."""
+    return _byte_lengths_on(targets.device)[targets].sum()
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    """A val loss summed over tokens (nats, natural log) per byte of the text they encode, in bits."""
+    return float(total_nats) / (math.log(2) * float(total_bytes))
 
 
 class ShardLoader:

@@ -5,10 +5,16 @@
     python fineweb_edu.py --source fineweb:sample-10BT --out data/fineweb
     python fineweb_edu.py --source input.txt --txt-docs paragraphs --shard-size 100000 --out data/shakespeare
 
-Sources: `fineweb-edu[:CONFIG]` or `fineweb[:CONFIG]` (HuggingFaceFW/..., CONFIG defaults to sample-10BT),
-streamed from the Hugging Face hub; or, offline, a .parquet or .jsonl file (a `text` field per row), a .txt
-file (one document, or one per blank-line-separated paragraph with --txt-docs paragraphs), or a folder of
-such files (read in sorted path order).
+Sources: `fineweb-edu[:CONFIG]` or `fineweb[:CONFIG]` (HuggingFaceFW/..., CONFIG defaults to sample-10BT)
+from the Hugging Face hub; or, offline, a .parquet or .jsonl file (a `text` field per row), a .txt file (one
+document, or one per blank-line-separated paragraph with --txt-docs paragraphs), or a folder of such files
+(read in sorted path order).
+
+Hub downloads: a full build downloads the config's parquet files (in path order, the order `datasets`
+streams them in) --downloads at a time into OUT/download, each retried with back-off and resumed where the
+connection broke, checked against the size and sha256 the hub lists, and tokenized in file order as they
+arrive; a file is deleted once the shards hold all its documents. With --max-tokens the documents are
+streamed through `datasets` instead, without downloading whole files. HF_ENDPOINT picks a hub mirror.
 
 Layout: every document becomes <|endoftext|> followed by its tokens; the documents, in source order, are
 cut into shards. Shard 0 is the val split: it takes whole documents until it holds --shard-size tokens, and
@@ -22,8 +28,9 @@ atomically after each one with where the next shard starts in the source (skip `
 `resume_offset` tokens); it is marked complete at the end. Re-running the same command keeps the recorded
 shards whose sha256 still matches and continues from the first missing or bad one, so the result is
 byte-identical to an uninterrupted run (the source must not change in between). A changed --max-tokens keeps
-the shards it leaves unchanged. A resume reads the source's documents before the resume point again, but does
-not tokenize them.
+the shards it leaves unchanged. A resume of a local or streamed source reads the documents before the resume
+point again, but does not tokenize them; a hub download resume skips the parquet files before it unread (the
+manifest records the files, and the rows of each) and keeps the files already downloaded.
 
 Speed: batches of ~1 MB of documents are tokenized on --workers processes (default: all cores); a tqdm bar
 shows tokens/s live and the rate is printed at the end. bench_tokenize.py compares it with a naive
@@ -31,15 +38,21 @@ one-document-per-task Pool.imap.
 """
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import multiprocessing.pool
 import os
 import re
+import shutil
 import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -58,6 +71,9 @@ LOCAL_SUFFIXES = (".parquet", ".jsonl", ".txt")
 TXT_DOCS = ("file", "paragraphs")
 # settings that decide the shards' content; an --out folder built with other ones is refused
 IDENTITY = ("source", "txt_docs", "tokenizer", "dtype", "shard_size")
+DOWNLOAD_DIR = "download"  # under --out: hub parquet files on their way to the tokenizer
+DOWNLOAD_ATTEMPTS = 5
+RETRY_SECONDS = 2.0  # back-off before the first retry of a download; doubles after each further failure
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,11 @@ class Source:
     files: tuple[Path, ...]  # the local files in reading order; empty for the hub
     txt_docs: str = "file"
 
-    def documents(self) -> Iterator[str]:
+    def documents(self, skip: int = 0) -> Iterator[str]:
+        """The documents in order, from document number `skip` on."""
+        yield from islice(self._all_documents(), skip, None)
+
+    def _all_documents(self) -> Iterator[str]:
         if not self.files:
             yield from _hub_documents(*self.spec.split(":"))
             return
@@ -115,16 +135,160 @@ def _hub_documents(name: str, config: str) -> Iterator[str]:
         yield from batch["text"]
 
 
-def _parquet_documents(path: Path) -> Iterator[str]:
+def _parquet_documents(path: Path, skip: int = 0) -> Iterator[str]:
+    """The `text` of each row, from row `skip` on; the row groups before it are not read."""
     import pyarrow.parquet as pq  # needed for parquet sources only
 
     file = pq.ParquetFile(path)
     if "text" not in file.schema_arrow.names:
         raise SystemExit(f"error: {path} has no 'text' column (it has {file.schema_arrow.names})")
-    for batch in file.iter_batches(batch_size=1024, columns=["text"]):
+    groups = []
+    for i in range(file.num_row_groups):
+        rows = file.metadata.row_group(i).num_rows
+        if skip >= rows and not groups:
+            skip -= rows
+        else:
+            groups.append(i)
+    for batch in file.iter_batches(batch_size=1024, row_groups=groups, columns=["text"]):
         if batch.column(0).null_count:
             raise SystemExit(f"error: {path} has rows whose 'text' is null")
-        yield from batch.column(0).to_pylist()
+        texts = batch.column(0).to_pylist()
+        yield from texts[skip:]
+        skip = max(skip - len(texts), 0)
+
+
+def hub_folder(config: str) -> str:
+    """Where a config's parquet files lie in the FineWeb(-Edu) repo, as its dataset card declares."""
+    if config == "default":
+        return "data"
+    if sample := re.fullmatch(r"sample-(\d+BT)", config):
+        return f"sample/{sample[1]}"
+    return f"data/{config}"  # a single crawl, e.g. CC-MAIN-2024-10
+
+
+def list_hub_files(name: str, config: str, endpoint: str | None = None) -> list[dict]:
+    """The config's parquet files in path order: {"path", "size", "sha256" (None if the hub gives none), "rows"}."""
+    try:
+        from huggingface_hub import HfApi, RepoFile  # comes with datasets; the training machines need neither
+    except ImportError:
+        raise SystemExit("error: downloading from the Hugging Face hub needs `pip install huggingface_hub`; "
+                         "or pass --source a local .parquet/.jsonl/.txt file") from None
+    repo, folder = HUB_DATASETS[name], hub_folder(config)
+    try:
+        tree = list(HfApi(endpoint=endpoint).list_repo_tree(repo, folder, recursive=True, repo_type="dataset"))
+    except Exception as e:  # noqa: BLE001 (no network, unknown config, ...: say which, without a traceback)
+        raise SystemExit(f"error: cannot list {folder}/ of {repo} on the hub (config {config!r}): {e}") from None
+    files = sorted((f for f in tree if isinstance(f, RepoFile) and f.path.endswith(".parquet")), key=lambda f: f.path)
+    if not files:
+        raise SystemExit(f"error: {repo} has no parquet files under {folder}/: is {config!r} one of its configs?")
+    return [{"path": f.path, "size": f.size, "sha256": f.lfs.sha256 if f.lfs else None, "rows": None} for f in files]
+
+
+class _Cancelled(Exception):
+    """The build stopped while this download was running."""
+
+
+def _fetch(url: str, f, size: int, stop: threading.Event) -> None:
+    """Append the rest of url's `size` bytes to f, from f.tell() on (an HTTP Range request after a break)."""
+    done = f.tell()
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if done and response.status != 206:  # the server ignored the range and sends the whole file
+            f.seek(0)
+            f.truncate()
+        while block := response.read(1 << 20):
+            if stop.is_set():
+                raise _Cancelled
+            f.write(block)
+    if f.tell() != size:  # a dropped connection can end the body early without an error
+        raise ConnectionError(f"the connection ended after {f.tell():,} of {size:,} bytes")
+
+
+def download(url: str, dest: Path, size: int, sha256: str | None, stop: threading.Event | None = None) -> Path:
+    """url into dest (atomically), retried with back-off where it broke off; a dest that is already
+    complete (size, and sha256 if given) is kept without any request."""
+    if dest.is_file() and dest.stat().st_size == size and (sha256 is None or sha256_file(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest) as f:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                _fetch(url, f, size, stop or threading.Event())
+                break
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code != 429:  # not found, forbidden, ...: trying again will not help
+                    raise SystemExit(f"error: downloading {url}: {e}") from None
+                failure = e
+            except (OSError, http.client.HTTPException) as e:
+                failure = e
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise SystemExit(f"error: downloading {url} failed {attempt} times ({failure}); run the same "
+                                 "command again to resume")
+            delay = RETRY_SECONDS * 2 ** (attempt - 1)
+            tqdm.write(f"{dest.name}: {failure}; retry {attempt} of {DOWNLOAD_ATTEMPTS - 1} in {delay:.0f} s")
+            time.sleep(delay)
+        f.flush()
+        if sha256 is not None and sha256_file(f.name) != sha256:
+            raise SystemExit(f"error: {url} does not match the sha256 the hub lists for it: the file changed on "
+                             "the hub since this build began; delete the --out folder to rebuild")
+    return dest
+
+
+class HubFiles:
+    """The parquet files of a hub config: downloaded `parallel` at a time ahead of the tokenizer into `folder`,
+    read in order, deleted once the shards hold every document of theirs.
+
+    `files` (list_hub_files' entries) is recorded in the manifest; each entry's "rows" is filled in when the file is
+    first read, so that a resume can find the file and row a document number lies in without the earlier files.
+    """
+
+    def __init__(self, name: str, files: list[dict], folder: Path, endpoint: str | None = None, parallel: int = 4):
+        self.repo, self.files, self.folder = HUB_DATASETS[name], files, folder
+        self.endpoint, self.parallel = endpoint, parallel
+
+    def _get(self, entry: dict, stop: threading.Event) -> Path:
+        from huggingface_hub import hf_hub_url
+
+        url = hf_hub_url(self.repo, entry["path"], repo_type="dataset", endpoint=self.endpoint)
+        t0 = time.perf_counter()
+        path = download(url, self.folder / entry["path"], entry["size"], entry["sha256"], stop)
+        tqdm.write(f"{entry['path']} ready ({entry['size'] / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s)")
+        return path
+
+    def documents(self, skip: int = 0) -> Iterator[str]:
+        """The documents in order from document number `skip` on; files wholly before it with known rows are
+        neither downloaded nor read."""
+        import pyarrow.parquet as pq
+
+        start, before = 0, 0
+        while start < len(self.files) and (rows := self.files[start]["rows"]) is not None and before + rows <= skip:
+            start, before = start + 1, before + rows
+        for tmp in self.folder.rglob("*.tmp"):  # a killed run's partial downloads
+            tmp.unlink()
+        stop, pending, queue = threading.Event(), deque(), iter(self.files[start:])
+        pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="download")
+        try:
+            for entry in islice(queue, self.parallel):
+                pending.append(pool.submit(self._get, entry, stop))
+            for entry in self.files[start:]:
+                path = pending.popleft().result()
+                if (ahead := next(queue, None)) is not None:  # one in, one out: at most `parallel` files ahead
+                    pending.append(pool.submit(self._get, ahead, stop))
+                entry["rows"] = pq.ParquetFile(path).metadata.num_rows
+                if before + entry["rows"] > skip:
+                    yield from _parquet_documents(path, max(skip - before, 0))
+                before += entry["rows"]
+        finally:
+            stop.set()  # running downloads give up at their next block; their partial files are removed
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def release(self, doc: int) -> None:
+        """Delete the downloaded files whose documents all come before document number `doc`."""
+        end = 0
+        for entry in self.files:
+            if entry["rows"] is None or (end := end + entry["rows"]) > doc:
+                return
+            (self.folder / entry["path"]).unlink(missing_ok=True)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
@@ -231,8 +395,9 @@ def _write_atomic(path: Path, write) -> None:
 class _ShardWriter:
     """Writes the shards in order and keeps manifest.json up to date after each one."""
 
-    def __init__(self, out: Path, prefix: str, settings: dict, shards: list[dict], eot: int):
+    def __init__(self, out: Path, prefix: str, settings: dict, shards: list[dict], eot: int, extra: dict):
         self.out, self.prefix, self.settings, self.shards, self.eot = out, prefix, settings, shards, eot
+        self.extra = extra  # more manifest entries (the hub files), saved as they are at each shard
         self.tokens = sum(s["tokens"] for s in shards)
 
     def target(self) -> int:
@@ -261,7 +426,7 @@ class _ShardWriter:
     def save(self, complete: bool) -> dict:
         totals = {split: {k: sum(s[k] for s in self.shards if s["split"] == split) for k in ("tokens", "docs")}
                   for split in SPLITS}
-        manifest = {**self.settings, "complete": complete, "totals": totals, "shards": self.shards}
+        manifest = {**self.settings, "complete": complete, "totals": totals, "shards": self.shards, **self.extra}
         _write_atomic(self.out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
         return manifest
 
@@ -282,15 +447,16 @@ def _kept_shards(out: Path, old: dict | None, settings: dict) -> list[dict]:
     return kept
 
 
-def _fill_shards(writer: _ShardWriter, src: Source, workers: int) -> int:
-    """Tokenize the source from the writer's resume point into shards until it or --max-tokens runs out;
-    returns the number of tokens tokenized."""
+def _fill_shards(writer: _ShardWriter, src: Source, workers: int, hub: HubFiles | None) -> int:
+    """Tokenize the source (the hub files if given) from the writer's resume point into shards until it or
+    --max-tokens runs out; returns the number of tokens tokenized."""
     if (target := writer.target()) <= 0:
         return 0
     skip_docs, skip_tokens = writer.resume_point()
-    docs = islice(src.documents(), skip_docs, None)
+    docs = hub.documents(skip_docs) if hub else src.documents(skip_docs)
     buf, n, new_tokens = [], 0, 0
-    with worker_pool(workers) as pool, closing(tokenize_stream(docs, pool)) as chunks, \
+    # closing(docs): stop the downloads now, also when an exception keeps this frame alive in a traceback
+    with worker_pool(workers) as pool, closing(docs), closing(tokenize_stream(docs, pool)) as chunks, \
          tqdm(total=writer.settings["max_tokens"], initial=writer.tokens, unit="tok", unit_scale=True,
               desc=f"{src.prefix} ({workers} workers)") as bar:
         for chunk in chunks:
@@ -302,6 +468,8 @@ def _fill_shards(writer: _ShardWriter, src: Source, workers: int) -> int:
             while (cut := _shard_end(buf, n, target, writer.split == "val", writer.eot)) is not None:
                 tokens = np.concatenate(buf)
                 writer.write(tokens[:cut])
+                if hub:
+                    hub.release(writer.resume_point()[0])
                 buf, n = [tokens[cut:]], n - cut
                 if (target := writer.target()) <= 0:
                     return new_tokens
@@ -311,10 +479,15 @@ def _fill_shards(writer: _ShardWriter, src: Source, workers: int) -> int:
 
 
 def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", shard_size: int = 100_000_000,
-          max_tokens: int | None = None, workers: int | None = None, txt_docs: str = "file") -> dict:
-    """Build, resume or extend the shards of `source` in `out`; returns the finished manifest."""
-    if shard_size < 1 or (max_tokens is not None and max_tokens < 1) or (workers is not None and workers < 1):
-        raise SystemExit("error: --shard-size, --max-tokens and --workers must be positive")
+          max_tokens: int | None = None, workers: int | None = None, txt_docs: str = "file", downloads: int = 4,
+          hub_endpoint: str | None = None) -> dict:
+    """Build, resume or extend the shards of `source` in `out`; returns the finished manifest.
+
+    hub_endpoint: the hub's base URL (default: huggingface.co, or $HF_ENDPOINT).
+    """
+    if shard_size < 1 or (max_tokens is not None and max_tokens < 1) or (workers is not None and workers < 1) \
+            or downloads < 1:
+        raise SystemExit("error: --shard-size, --max-tokens, --workers and --downloads must be positive")
     if txt_docs not in TXT_DOCS:
         raise SystemExit(f"error: --txt-docs must be one of {TXT_DOCS}")
     src = resolve_source(source, txt_docs)
@@ -336,13 +509,20 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
         print(f"{out} is complete and its {len(shards)} shards match their sha256; nothing to do")
         return old
 
-    writer = _ShardWriter(out, src.prefix, settings, shards, tiktoken.get_encoding("gpt2").eot_token)
+    hub_files = old.get("hub_files") if old and old["source"] == src.spec else None
+    hub = None
+    if not src.files and max_tokens is None:  # the whole config: download its parquet files
+        name, config = src.spec.split(":")
+        hub_files = hub_files or list_hub_files(name, config, hub_endpoint)
+        hub = HubFiles(name, hub_files, out / DOWNLOAD_DIR, hub_endpoint, downloads)
+    extra = {"hub_files": hub_files} if hub_files else {}  # kept by a --max-tokens run, for a later full one
+    writer = _ShardWriter(out, src.prefix, settings, shards, tiktoken.get_encoding("gpt2").eot_token, extra)
     if shards:
         print(f"keeping {len(shards)} shards ({writer.tokens:,} tokens) of the previous run")
     if old:
         writer.save(complete=False)  # forget recorded shards beyond the kept ones before overwriting any of them
     t0 = time.perf_counter()
-    new_tokens = _fill_shards(writer, src, workers)
+    new_tokens = _fill_shards(writer, src, workers, hub)
     seconds = time.perf_counter() - t0
     if not writer.shards:
         raise SystemExit(f"error: --source {source} holds no documents")
@@ -351,19 +531,24 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
     for stale in [*out.glob(f"{src.prefix}_val_*.npy*"), *out.glob(f"{src.prefix}_train_*.npy*")]:
         if stale.name not in keep:  # shards past a lowered --max-tokens, temp files of a killed run
             stale.unlink()
+    shutil.rmtree(out / DOWNLOAD_DIR, ignore_errors=True)
 
     if new_tokens:
         rate = new_tokens / seconds
         print(f"tokenized {new_tokens:,} tokens in {seconds:.1f} s: {rate:,.0f} tokens/s with {workers} workers")
+    _print_totals(manifest)
+    print(f"wrote {out / MANIFEST}")
+    return manifest
+
+
+def _print_totals(manifest: dict) -> None:
     for split, total in manifest["totals"].items():
-        count = sum(s["split"] == split for s in writer.shards)
+        count = sum(s["split"] == split for s in manifest["shards"])
         print(f"{split}: {count} shards, {total['tokens']:,} tokens, {total['docs']:,} documents")
     if not manifest["totals"]["train"]["tokens"]:
         txt_hint = "; a single .txt file is one document unless split with --txt-docs paragraphs"
         print("warning: no train split, the val shard took every token: lower --shard-size or raise --max-tokens"
-              + (txt_hint if txt_docs == "file" else ""))
-    print(f"wrote {out / MANIFEST}")
-    return manifest
+              + (txt_hint if manifest["txt_docs"] == "file" else ""))
 
 
 def main() -> None:
@@ -375,9 +560,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
     parser.add_argument("--txt-docs", choices=TXT_DOCS, default="file",
                         help="a .txt file is one document, or one per blank-line-separated paragraph (default file)")
+    parser.add_argument("--downloads", type=int, default=4, help="hub parquet files downloaded at once (default 4)")
     args = parser.parse_args()
     try:
-        build(args.source, args.out, args.shard_size, args.max_tokens, args.workers, args.txt_docs)
+        build(args.source, args.out, args.shard_size, args.max_tokens, args.workers, args.txt_docs, args.downloads)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: run the same command again to resume") from None
 

@@ -1,6 +1,7 @@
 """Plot and tabulate training runs from their logs/<run>/metrics.jsonl files.
 
     python plot_logs.py logs/run_a logs/run_b [--out runs.png] [--x tokens|step|time] [--smooth 0.9] [--labels a,b]
+    python plot_logs.py logs/ --watch 60    # re-draw whenever a run's metrics grew (e.g. an rsync loop), until Ctrl-C
 
 Each argument is a metrics.jsonl file, a run folder holding one, or a parent folder (every run
 below it). Writes the PNG, writes a markdown summary table beside it (same name, .md) and prints
@@ -9,8 +10,10 @@ the table.
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 # Figure (not pyplot) renders headless through Agg and keeps no global figure state,
@@ -69,11 +72,13 @@ def summarize(run: dict[str, list[dict]]) -> dict:
     """Headline numbers of one run; None where the run has no such records."""
     every = [r for records in run.values() for r in records]
     val_loss = _values(run.get("val", []), "loss")  # sorted by step, so the last is the final one
+    val_bpb = _values(run.get("val", []), "bpb")
     tok_per_s = _values(run.get("train", []), "tok_per_s")
     return {
         "step": max((r["step"] for r in every), default=None),
         "tokens": max(_values(every, "tokens"), default=None),
         "final_val_loss": val_loss[-1] if val_loss else None,
+        "final_val_bpb": val_bpb[-1] if val_bpb else None,
         "best_val_loss": min(val_loss, default=None),
         "best_acc_norm": max(_values(run.get("hellaswag", []), "acc_norm"), default=None),
         # median: robust to the slow compile/warm-up steps and to eval pauses
@@ -101,8 +106,11 @@ def fmt_duration(seconds) -> str:
 
 
 def markdown_table(runs: dict[str, dict[str, list[dict]]]) -> str:
-    """One row per run (name -> records by kind, as load_run returns)."""
+    """One row per run (name -> records by kind, as load_run returns); a val bits-per-byte column if any
+    run logs one."""
     loss = "{:.4f}".format
+    summaries = {name: summarize(run) for name, run in runs.items()}
+    has_bpb = any(s["final_val_bpb"] is not None for s in summaries.values())
     columns = [  # (header, summary key, formatter)
         ("step", "step", str),
         ("tokens", "tokens", fmt_tokens),
@@ -112,12 +120,13 @@ def markdown_table(runs: dict[str, dict[str, list[dict]]]) -> str:
         ("median tok/s", "median_tok_per_s", "{:,.0f}".format),
         ("wall time", "time", fmt_duration),
     ]
+    if has_bpb:
+        columns.insert(3, ("final val bpb", "final_val_bpb", loss))
     lines = [
         "| run | " + " | ".join(header for header, _, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    for name, run in runs.items():
-        summary = summarize(run)
+    for name, summary in summaries.items():
         cells = [name.replace("|", "\\|")]
         cells += ["-" if summary[key] is None else fmt(summary[key]) for _, key, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -203,21 +212,20 @@ def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    fig.savefig(out_path, dpi=110)
+    _save(Path(out_path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return Path(out_path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="metrics.jsonl files, run folders, or parents of run folders")
-    parser.add_argument("--out", default="runs.png", help="PNG path; the table goes beside it as .md")
-    parser.add_argument("--x", choices=X_CHOICES, default="tokens", help="x axis")
-    parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss in [0, 1); 0 = raw")
-    parser.add_argument("--labels", help="comma-separated run names, one per run found (default: run folder names)")
-    args = parser.parse_args(argv)
-    if not 0 <= args.smooth < 1:
-        parser.error("--smooth must be in [0, 1)")
+def _save(path: Path, save) -> None:
+    """save(a temp path), then rename it over path: a viewer that reloads the file (--watch) never sees half.
+    (Not runtime.atomic_write, which would make this laptop tool import torch.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save(tmp)
+    os.replace(tmp, path)
 
+
+def _find_runs(parser, args) -> dict[str, Path]:
+    """Run name -> metrics.jsonl for the command line's paths."""
     # dict.fromkeys: a run named twice (e.g. logs/ and logs/run_a) is plotted once
     files = list(dict.fromkeys(f.resolve() for path in args.paths for f in find_metrics(path)))
     if not files:
@@ -230,15 +238,66 @@ def main(argv=None) -> None:
         names = [f.parent.name for f in files]
         if len(set(names)) != len(names):  # same run name under different parents
             names = [str(f.parent) for f in files]
+    return dict(zip(names, files))
 
-    runs = {name: load_run(f) for name, f in zip(names, files)}
+
+def _draw(files: dict[str, Path], args) -> None:
+    runs = {name: load_run(f) for name, f in files.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, out, x=args.x, smooth=args.smooth)
     table = markdown_table(runs)
-    out.with_suffix(".md").write_text(table)
-    print(table, end="")
+    _save(out.with_suffix(".md"), lambda tmp: tmp.write_text(table))
+    print(table, end="", flush=True)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+def _stamps(files: dict[str, Path]) -> dict[Path, tuple[int, int] | None]:
+    """Size and mtime of each file: a change in either means new records (None: gone for now)."""
+    stamps = {}
+    for f in files.values():
+        try:
+            st = f.stat()
+            stamps[f] = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            stamps[f] = None
+    return stamps
+
+
+def watch(parser, args, stamps) -> None:
+    """Re-find the runs every --watch seconds and re-draw when a metrics file (or the set of runs) changed
+    from `stamps`."""
+    print(f"watching every {args.watch:g} s; Ctrl-C stops", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(args.watch)
+            files = _find_runs(parser, args)  # new run folders count too: an rsync may bring them any time
+            if (now := _stamps(files)) != stamps:
+                stamps = now
+                _draw(files, args)
+    except KeyboardInterrupt:
+        print("stopped watching", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="metrics.jsonl files, run folders, or parents of run folders")
+    parser.add_argument("--out", default="runs.png", help="PNG path; the table goes beside it as .md")
+    parser.add_argument("--x", choices=X_CHOICES, default="tokens", help="x axis")
+    parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss in [0, 1); 0 = raw")
+    parser.add_argument("--labels", help="comma-separated run names, one per run found (default: run folder names)")
+    parser.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="keep running: check the metrics files every SECONDS and re-draw when they changed")
+    args = parser.parse_args(argv)
+    if not 0 <= args.smooth < 1:
+        parser.error("--smooth must be in [0, 1)")
+    if args.watch is not None and args.watch <= 0:
+        parser.error("--watch must be a positive number of seconds")
+    files = _find_runs(parser, args)
+    stamps = _stamps(files)  # before reading: a line appended while drawing makes the first check re-draw
+    _draw(files, args)
+    if args.watch:
+        watch(parser, args, stamps)
 
 
 if __name__ == "__main__":

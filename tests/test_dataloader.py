@@ -2,6 +2,7 @@
 save/restore, and clear errors for missing, unfinished and damaged shard folders."""
 
 import json
+import math
 import re
 import shlex
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import fineweb_edu
-from dataloader import DataError, ShardLoader
+from dataloader import DataError, ShardLoader, bits_per_byte, target_bytes, token_byte_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 4000
@@ -176,3 +178,43 @@ def test_cuda_batches_match_cpu(data_dir):
     for _ in range(20):
         (gx, gy), (cx, cy) = gpu.next_batch(), cpu.next_batch()
         assert gx.device.type == "cuda" and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
+
+
+def test_target_bytes_are_the_utf8_of_the_text(tmp_path):
+    enc = tiktoken.get_encoding("gpt2")
+    pieces = ["naïve café", "日本語の文章です。", "🎉🚀👩‍👩‍👧", "Ωμέγα", "z̴͉̓a̶l̷g̸o", "plain ASCII words", "\n\n", "ж"]
+    docs = [" ".join(pieces[(i + j) % len(pieces)] for j in range(i % 7 + 1)) for i in range(120)]
+    split = [t for d in docs for t in enc.encode_ordinary(d) if not _is_utf8(enc.decode_single_token_bytes(t))]
+    assert split, "the text must make GPT-2 cut characters across tokens"
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    fineweb_edu.build(str(tmp_path / "docs.jsonl"), tmp_path / "out", 600, workers=1)
+
+    val = ShardLoader(tmp_path / "out", "val", 2, 64)
+    for _ in range(4):
+        _, y = val.next_batch()
+        got = target_bytes(y)
+        # decode_bytes joins the tokens' bytes, so a character cut between two tokens counts once, whole
+        expected = len(enc.decode_bytes([t for t in y.flatten().tolist() if t != enc.eot_token]))
+        assert got.dtype == torch.int64 and got.ndim == 0 and got.item() == expected
+
+    # the whole val shard stands for exactly the UTF-8 bytes of the documents in it
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    tokens = torch.from_numpy(np.load(tmp_path / "out" / manifest["shards"][0]["file"]).astype(np.int64))
+    n_docs = manifest["shards"][0]["docs"]
+    assert target_bytes(tokens).item() == sum(len(d.encode("utf-8")) for d in docs[:n_docs])
+    lengths = token_byte_lengths()
+    assert lengths.shape == (50257,) and lengths[enc.eot_token] == 0 and lengths[enc.encode_ordinary(" the")[0]] == 4
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_bits_per_byte():
+    # a model that spreads its bets evenly over the 256 byte values pays ln(256) nats, 8 bits, per byte
+    assert bits_per_byte(1000 * math.log(256), 1000) == pytest.approx(8.0)
+    assert bits_per_byte(torch.tensor(3.0 * math.log(2)), torch.tensor(2)) == pytest.approx(1.5)

@@ -1,11 +1,15 @@
 """fineweb_edu.py: shards give back every source document, val/train split, exact resume, clear errors."""
 
 import hashlib
+import http.server
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +226,7 @@ def test_cli_errors(tmp_path, hellaswag_val_path):
 
 
 def test_hub_source_streams(tmp_path, monkeypatch, enc):
-    """The hub path, offline: load_dataset is pointed at a local parquet file, streamed the same way."""
+    """The --max-tokens hub path, offline: load_dataset is pointed at a local parquet file, streamed the same way."""
     datasets = pytest.importorskip("datasets")
     docs = messy_documents(400, seed=3)
     pq.write_table(pa.table({"text": docs, "score": [1.0] * len(docs)}), tmp_path / "hub.parquet", row_group_size=100)
@@ -234,7 +238,7 @@ def test_hub_source_streams(tmp_path, monkeypatch, enc):
 
     real_load_dataset = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", local_load_dataset)
-    manifest = fineweb_edu.build("fineweb-edu", tmp_path / "out", 2000, workers=1)
+    manifest = fineweb_edu.build("fineweb-edu", tmp_path / "out", 2000, max_tokens=10**9, workers=1)
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
     assert manifest["source"] == "fineweb-edu:sample-10BT"
     assert [s["file"] for s in manifest["shards"][:2]] == ["fineweb_edu_val_000000.npy", "fineweb_edu_train_000001.npy"]
@@ -252,3 +256,183 @@ def test_empty_source(tmp_path):
     with pytest.raises(SystemExit, match="holds no documents"):
         build(tmp_path / "empty.jsonl", tmp_path / "out", 1000)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- hub downloads, against a local stand-in hub
+
+REPO = "HuggingFaceFW/fineweb-edu"
+
+
+class FakeHub:
+    """The two hub endpoints the download path uses, served from a folder on 127.0.0.1: the tree API (files
+    with size and LFS sha256) and resolve downloads with Range. It logs every request and can drop a
+    connection part-way through a file, once."""
+
+    def __init__(self, root: Path):
+        self.root, self.requests, self.drop_after, self.wrong_sha = root, [], {}, set()
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                hub.requests.append((path, self.headers.get("Range")))
+                tree, resolve = f"/api/datasets/{REPO}/tree/main/", f"/datasets/{REPO}/resolve/main/"
+                if path.startswith(tree):
+                    self.send_tree(path.removeprefix(tree))
+                elif path.startswith(resolve) and (hub.root / path.removeprefix(resolve)).is_file():
+                    self.send_file(path.removeprefix(resolve))
+                else:
+                    self.send_error(404)
+
+            def send_tree(self, folder):
+                entries = []
+                for p in sorted((hub.root / folder).rglob("*")):
+                    rel = p.relative_to(hub.root).as_posix()
+                    if p.is_dir():
+                        entries.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": rel})
+                        continue
+                    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+                    sha = "0" * 64 if rel in hub.wrong_sha else sha
+                    entries.append({"type": "file", "oid": "1" * 40, "size": p.stat().st_size, "path": rel,
+                                    "lfs": {"oid": sha, "size": p.stat().st_size, "pointerSize": 134}})
+                self.send_body(200, json.dumps(entries).encode(), {"Content-Type": "application/json"})
+
+            def send_file(self, rel):
+                data = (hub.root / rel).read_bytes()
+                start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers["Range"] else 0
+                headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if start else {}
+                cut = hub.drop_after.pop(rel, None)
+                self.send_body(206 if start else 200, data[start:], headers, cut)
+
+            def send_body(self, status, body, headers, cut=None):
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body[:cut])
+                self.close_connection = cut is not None  # hang up with the body unfinished
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fetched(self) -> list[str]:
+        """The files downloaded (or begun), one entry per request, in path order."""
+        return sorted(path.split("/resolve/main/")[1] for path, _ in self.requests if "/resolve/main/" in path)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fake hub holding sample/10BT as 4 parquet files of messy documents (small row groups), plus files that
+    are not part of the config."""
+    monkeypatch.setattr(fineweb_edu, "RETRY_SECONDS", 0.0)
+    folder = tmp_path / "hub" / "sample" / "10BT"
+    folder.mkdir(parents=True)
+    docs = []
+    for i in range(4):
+        part = messy_documents(120, seed=10 + i)
+        pq.write_table(pa.table({"text": part, "id": [f"{i}-{j}" for j in range(len(part))]}),
+                       folder / f"{i:03d}_00000.parquet", row_group_size=25)
+        docs.append(part)
+    (folder / "README.md").write_text("not a parquet file")
+    (tmp_path / "hub" / "sample" / "100BT").mkdir()
+    pq.write_table(pa.table({"text": ["another config"]}), tmp_path / "hub" / "sample" / "100BT" / "x.parquet")
+    fake = FakeHub(tmp_path / "hub")
+    fake.docs = docs  # per file
+    fake.names = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(4)]
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+def hub_build(hub, out, **kw) -> dict:
+    return fineweb_edu.build("fineweb-edu", out, 2000, workers=kw.pop("workers", 1), downloads=2,
+                             hub_endpoint=hub.url, **kw)
+
+
+def test_hub_download_survives_a_dropped_connection(hub, tmp_path, enc):
+    hub.drop_after[hub.names[1]] = 3000
+    manifest = hub_build(hub, tmp_path / "out")
+    check_shards(tmp_path / "out", [d for part in hub.docs for d in part], 2000, enc)
+    assert [f["path"] for f in manifest["hub_files"]] == hub.names
+    assert [f["rows"] for f in manifest["hub_files"]] == [len(part) for part in hub.docs]
+    # file 1 broke off after 3000 bytes and went on from there; every file came exactly once otherwise
+    assert hub.fetched() == sorted([*hub.names, hub.names[1]])
+    assert [r for p, r in hub.requests if p.endswith(hub.names[1])] == [None, "bytes=3000-"]
+    assert not (tmp_path / "out" / "download").exists()
+
+
+def test_hub_download_killed_and_resumed(hub, tmp_path, monkeypatch, capsys):
+    reference = hub_build(hub, tmp_path / "ref")
+    total = sum(s["tokens"] for s in reference["shards"])
+    rows = [len(part) for part in hub.docs]
+    # die when the shard after the first one to end inside file 2 (past its first row) is renamed into place,
+    # before it is recorded: the resume starts in file 2, a few rows in
+    stop_at = next(i for i, s in enumerate(reference["shards"]) if s["resume_doc"] > rows[0] + rows[1]) + 2
+    real_write, written = fineweb_edu._write_atomic, []
+
+    def write_then_die(path, write):
+        real_write(path, write)
+        written.append(path)
+        if path.suffix == ".npy" and sum(p.suffix == ".npy" for p in written) == stop_at:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(fineweb_edu, "_write_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hub_build(hub, out)
+    monkeypatch.undo()
+    monkeypatch.setattr(fineweb_edu, "RETRY_SECONDS", 0.0)
+    assert not [t for t in threading.enumerate() if t.name.startswith("download")]  # the downloads stopped
+    recorded = json.loads((out / "manifest.json").read_text())
+    assert len(recorded["shards"]) == stop_at - 1 and recorded["hub_files"][2]["rows"] == rows[2]
+    assert rows[0] + rows[1] < recorded["shards"][-1]["resume_doc"] < sum(rows[:3])
+    on_disk = {p.relative_to(out / "download").as_posix() for p in (out / "download").rglob("*.parquet")}
+    assert hub.names[0] not in on_disk and hub.names[1] not in on_disk  # tokenized into recorded shards: deleted
+    (out / "download" / "sample" / "10BT" / "003_00000.parquet.123.tmp").write_bytes(b"half a file")
+    hub.requests.clear()
+    capsys.readouterr()
+
+    hub_build(hub, out, workers=2)
+    kept = sum(s["tokens"] for s in reference["shards"][: stop_at - 1])
+    assert f"tokenized {total - kept:,} tokens" in capsys.readouterr().out
+    assert files(out) == files(tmp_path / "ref")
+    # no listing again, nothing before the resume point, no file the killed run had finished
+    assert all("/resolve/main/" in p for p, _ in hub.requests)
+    assert hub.fetched() == sorted(set(hub.names[2:]) - on_disk)
+
+
+def test_hub_streamed_sample_extends_to_the_full_download(hub, tmp_path, monkeypatch):
+    """A --max-tokens build streams through `datasets`; dropping --max-tokens continues it from the parquet files,
+    which must hold the documents in the same order."""
+    datasets = pytest.importorskip("datasets")
+    local = [str(hub.root / name) for name in hub.names]
+    real_load_dataset = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split, streaming:
+                        real_load_dataset("parquet", data_files=local, split=split, streaming=streaming))
+    reference = hub_build(hub, tmp_path / "ref")
+    hub.requests.clear()
+    hub_build(hub, tmp_path / "out", max_tokens=sum(s["tokens"] for s in reference["shards"][:7]) + 500)
+    assert hub.requests == []
+    hub_build(hub, tmp_path / "out")
+    assert files(tmp_path / "out") == files(tmp_path / "ref")
+
+
+def test_parquet_documents_from_a_row(tmp_path):
+    docs = messy_documents(120, seed=5)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet", row_group_size=25)
+    for skip in (0, 1, 24, 25, 26, 60, 119, 120, 500):
+        assert list(fineweb_edu._parquet_documents(tmp_path / "d.parquet", skip)) == docs[skip:]
+
+
+def test_hub_download_errors(hub, tmp_path):
+    hub.wrong_sha.add(hub.names[0])
+    with pytest.raises(SystemExit, match=rf"{hub.names[0]} does not match the sha256 the hub lists"):
+        hub_build(hub, tmp_path / "sha")
+    with pytest.raises(SystemExit, match=r"no parquet files under sample/7BT/: is 'sample-7BT' one of its configs"):
+        fineweb_edu.build("fineweb-edu:sample-7BT", tmp_path / "none", 2000, hub_endpoint=hub.url)
+    assert fineweb_edu.hub_folder("default") == "data"
+    assert fineweb_edu.hub_folder("CC-MAIN-2024-10") == "data/CC-MAIN-2024-10"

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def _expected(recs):
         "step": max(r["step"] for r in recs),
         "tokens": max(r["tokens"] for r in recs),
         "final_val_loss": val[-1],
+        "final_val_bpb": None,
         "best_val_loss": min(val),
         "best_acc_norm": max(r["acc_norm"] for r in of("hellaswag")),
         "median_tok_per_s": statistics.median(r["tok_per_s"] for r in of("train")),
@@ -161,3 +163,55 @@ def test_missing_kinds_still_plot(tmp_path):
     out = plot_logs.plot_runs({"only_train": run, "empty": {}}, tmp_path / "x.png", x="step")
     _check_png(out)
     assert "| empty | - | - |" in plot_logs.markdown_table({"empty": {}})
+
+
+def test_val_bpb_column(logs):
+    root, _ = logs
+    runs = {name: plot_logs.load_run(root / name) for name in ("run_a", "run_b")}
+    assert "bpb" not in plot_logs.markdown_table(runs)  # no run logs it: the table is as before
+    for i, rec in enumerate(runs["run_b"]["val"]):
+        rec["bpb"] = 1.0 + i / 100
+    table = _parse_table(plot_logs.markdown_table(runs))
+    last = runs["run_b"]["val"][-1]
+    assert table["run_b"]["final val bpb"] == f"{last['bpb']:.4f}" and table["run_a"]["final val bpb"] == "-"
+    assert table["run_b"]["final val loss"] == f"{last['loss']:.4f}"
+
+
+def test_watch_redraws_when_metrics_grow(tmp_path, monkeypatch, capsys):
+    """--watch until Ctrl-C: time.sleep stands in for the waits, and changes the logs as an rsync would between
+    polls. A quiet poll draws nothing; a grown file (even by half a line) or a new run draws again."""
+    rng, logs = random.Random(1), tmp_path / "logs"
+    live = logs / "live" / "metrics.jsonl"
+    _write(live, [json.dumps(r).encode() + b"\n" for r in _segment(rng, range(30), t0=0.0)])
+    val = {"kind": "val", "step": 30, "tokens": 31 * TOKENS_PER_STEP, "time": 45.0, "loss": 2.5, "bpb": 1.125}
+    line = json.dumps(val).encode() + b"\n"
+    out = tmp_path / "plots" / "live.png"
+
+    def append(data):
+        with open(live, "ab") as f:
+            f.write(data)
+
+    def between_polls():
+        yield  # 1: nothing new
+        yield append(line[:20])  # 2: half a line, as a copy in progress leaves it
+        yield append(line[20:])  # 3: the rest of it
+        yield  # 4: nothing new
+        yield _write(logs / "second" / "metrics.jsonl", [json.dumps(r).encode() + b"\n" for r in _segment(rng, [0], 0)])
+
+    steps, pngs = between_polls(), []
+
+    def fake_sleep(seconds):
+        assert seconds == 7.5
+        pngs.append(out.read_bytes())
+        if next(steps, "done") == "done":
+            raise KeyboardInterrupt  # the user's Ctrl-C
+
+    monkeypatch.setattr(plot_logs.time, "sleep", fake_sleep)
+    plot_logs.main([str(logs), "--out", str(out), "--watch", "7.5"])
+    printed = [_parse_table(t) for t in re.split(r"(?m)^(?=\| run \|)", capsys.readouterr().out) if t]
+    assert [list(t) for t in printed] == [["live"], ["live"], ["live"], ["live", "second"]]  # polls 2, 3 and 5 drew
+    assert [t["live"]["step"] for t in printed] == ["29", "29", "30", "30"]
+    assert "final val bpb" not in printed[1]["live"] and printed[2]["live"]["final val bpb"] == "1.1250"
+    assert _parse_table(out.with_suffix(".md").read_text()) == printed[-1]
+    assert pngs[3] != pngs[2] and out.read_bytes() != pngs[4]  # the new step, the new run
+    _check_png(out)
