@@ -5,7 +5,8 @@ checkpoint with its optimizer state takes to save.
     python3 gpu_check.py > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
     python3 gpu_check.py --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
 
-Needs torch and pytest only (no datasets, no internet). Exits 1 if a section failed; the table still comes out.
+Needs what the test suite needs (torch, numpy, tiktoken, pytest and the test data that tests/conftest.py names),
+not datasets, uv or the internet. Exits 1 if a check failed; the table still comes out.
 """
 
 import argparse
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="a tiny model, 2 steps, no compile: checks the script")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-dir", default="logs", help="the checkpoint is timed in a temporary folder in here")
-    parser.add_argument("--test-timeout", type=float, default=330, help="seconds for the CUDA tests")
+    parser.add_argument("--test-timeout", type=float, default=300, help="seconds for the CUDA tests")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     if device.type != "cuda" and not args.dry_run:
