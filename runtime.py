@@ -1,8 +1,14 @@
-"""What every script shares at run time: the device and its autocast dtype, peak FLOPs for MFU, torchrun's
-process group, rank-0 printing and atomic file writes. Imports only torch and the standard library."""
+"""What every script shares at run time: the device and its autocast dtype (and, without CUDA, why), peak FLOPs
+for MFU, torchrun's process group, rank-0 printing and atomic file writes. Imports only torch and the standard
+library."""
 
 import errno
+import glob
 import os
+import re
+import shutil
+import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,10 +19,13 @@ import torch.distributed as dist
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto': cuda > mps > cpu; anything else as torch names it."""
+    """'auto': cuda > mps > cpu; anything else as torch names it. --device cuda without CUDA says why."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+    device = parse_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(no_cuda_message(f"--device {name}"))
+    return device
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -29,6 +38,63 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype):
     """The one autocast convention: a context that casts matmuls to dtype, or does nothing for fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ---------------------------------------------------------------------- why there is no CUDA
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _nvidia_smi() -> tuple[str, str | None]:
+    """What nvidia-smi says about the driver, and the highest CUDA version that driver runs (None if unknown)."""
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi on PATH", None
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi failed: {e}", None
+    text = (out.stdout + out.stderr).strip()
+    driver, cuda = re.search(r"Driver Version: *(\S+)", text), re.search(r"CUDA Version: *([\d.]+)", text)
+    if out.returncode or not driver:
+        return f"nvidia-smi failed: {text.splitlines()[0] if text else f'exit code {out.returncode}'}", None
+    return f"nvidia-smi: driver {driver.group(1)}, CUDA up to {cuda.group(1) if cuda else '?'}", cuda and cuda.group(1)
+
+
+def no_cuda_message(wanted: str) -> str:
+    """Why torch cannot use CUDA here, in facts the user can check (torch's build, what the machine shows, what
+    torch said on init), and the fixes: the CPU, or a torch build that matches the driver."""
+    build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+             else f"torch {torch.__version__} is a CPU-only torch build")
+    gpus = glob.glob("/dev/nvidia[0-9]*")
+    smi, driver_cuda = _nvidia_smi()
+    facts = [build, f"{len(gpus)} GPU(s) in /dev/nvidia*; {smi}; torch.cuda.device_count() = "
+                    f"{torch.cuda.device_count()}"]
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        facts.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} limits the GPUs torch may see")
+    if torch.version.cuda:
+        try:
+            torch.cuda.init()
+        except Exception as e:  # torch's own words: no driver, a driver too old for this build, ...
+            facts.append(f"torch.cuda.init(): {' '.join(str(e).split())}")
+    fixes = ["--device cpu: run on the CPU (under torchrun: CPU ranks over gloo)"]
+    if not gpus and driver_cuda is None:
+        fixes.append("on a GPU machine: install the NVIDIA driver, or start the container with its GPUs "
+                     "(docker run --gpus all)")
+    cu = f"cu{driver_cuda.replace('.', '')}" if driver_cuda else "cuXXX"
+    fixes += [
+        f"a torch build the driver runs: uv pip install torch --index-url https://download.pytorch.org/whl/{cu} "
+        + (f"(CUDA {driver_cuda} is the driver's; if that index is missing, take the newest lower one)" if driver_cuda
+           else "(XXX: the CUDA version nvidia-smi shows, or lower, e.g. cu128)"),
+        f"or, to keep it for uv sync, in pyproject.toml: [tool.uv.sources] torch = {{ index = \"pytorch-{cu}\" }} and "
+        f"[[tool.uv.index]] name = \"pytorch-{cu}\", url = \"https://download.pytorch.org/whl/{cu}\", explicit = true",
+    ]
+    return (f"{wanted} needs CUDA, and torch cannot use it here:\n  " + "\n  ".join(facts)
+            + "\nFixes:\n  " + "\n  ".join(fixes))
 
 
 # ---------------------------------------------------------------------- peak FLOPs and MFU
@@ -79,18 +145,34 @@ class Dist:
         return self.rank == 0
 
 
+def _stop_node(local_rank: int, message):
+    """Stop every rank of this node before any work, saying why once: local rank 0 prints message() and exits;
+    the others wait for torchrun to stop them (if they exited first, torchrun would kill rank 0 mid-message)."""
+    if local_rank == 0:
+        raise SystemExit(message())
+    time.sleep(60)
+    raise SystemExit(1)
+
+
 def setup_distributed(device_name: str) -> Dist:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (multi-node too); plain `python` runs one process."""
-    device = pick_device(device_name)
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (multi-node too); plain `python` runs one process. Under torchrun,
+    --device auto means one GPU per rank: without them every rank stops before any work (CPU ranks: --device cpu)."""
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, device)
+        return Dist(0, 0, 1, pick_device(device_name))
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device_name == "auto" or parse_device(device_name).type == "cuda":
+        if not torch.cuda.is_available():
+            _stop_node(local_rank, lambda: no_cuda_message(f"--device {device_name} under torchrun"))
+        if torch.cuda.device_count() < local_world:
+            _stop_node(local_rank, lambda: f"torchrun started {local_world} ranks on this node but torch sees "
+                       f"{torch.cuda.device_count()} GPU(s): pass --nproc-per-node={torch.cuda.device_count()}")
+    device = pick_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
     # CPU ranks share the machine's cores instead of each spawning one thread per core
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("gloo")
     return Dist(rank, local_rank, world, device)

@@ -172,13 +172,6 @@ def test_source_without_train_split(tmp_path, shakespeare_path):
         ShardLoader(tmp_path, "train", 2, 8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_batches_match_cpu(data_dir):
-    gpu, cpu = ShardLoader(data_dir, "train", 4, 64, device="cuda"), ShardLoader(data_dir, "train", 4, 64)
-    for _ in range(20):
-        (gx, gy), (cx, cy) = gpu.next_batch(), cpu.next_batch()
-        assert gx.device.type == "cuda" and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
-
 
 def test_target_bytes_are_the_utf8_of_the_text(tmp_path):
     enc = tiktoken.get_encoding("gpt2")

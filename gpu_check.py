@@ -1,0 +1,151 @@
+"""The device check of one GPU machine, as one markdown table: the CUDA tests, a training step's throughput, MFU
+and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the loop runs), and how long a 124M
+checkpoint with its optimizer state takes to save.
+
+    python3 gpu_check.py > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
+    python3 gpu_check.py --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
+
+Needs what the test suite needs (torch, numpy, tiktoken, pytest and the test data that tests/conftest.py names),
+not datasets, uv or the internet. Exits 1 if a check failed; the table still comes out.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import bench_steps, sync
+from model import GPT
+from runtime import autocast_dtype, pick_device
+from train_gpt2 import build_optimizers, parse_config, rng_state, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+PRESETS = ["gpt2-124m", "gpt2-124m-modern"]
+DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
+
+
+def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
+    """`pytest -m cuda -q` in a subprocess: its counts, and ok. The dry run hides the GPUs, so that the tests of
+    tests/test_cuda.py are collected and skipped on any machine."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+           *(["tests/test_cuda.py"] if dry_run else [])]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if dry_run else None
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        sys.stderr.write((e.stdout or b"").decode(errors="replace"))  # bytes, whatever text= says
+        return f"timed out after {timeout:.0f} s", False
+    sys.stderr.write(proc.stdout + proc.stderr)
+    lines = proc.stdout.strip().splitlines() or [""]
+    counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b", lines[-1])
+    failed = [line.split()[1] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    summary = ", ".join(f"{n} {what}" for n, what in counts) or f"pytest exit code {proc.returncode}"
+    return summary + (f": {', '.join(failed)}" if failed else ""), proc.returncode == 0
+
+
+def bench_config(preset: str, batch_size: int, dry_run: bool):
+    return parse_config(["--preset", preset, "--batch-size", str(batch_size), *(DRY_MODEL if dry_run else [])])[0]
+
+
+def train_step(cfg, device, steps: int, warmup: int) -> tuple[str, bool]:
+    """A training step's speed and memory through bench.py's bench_steps, as the loop runs on this device:
+    compiled with the full-logits loss in bf16 on CUDA, eager with the chunked loss on the CPU."""
+    cuda = device.type == "cuda"
+    r = bench_steps(cfg, device, autocast_dtype("auto", device), use_compile=cuda, steps=steps, warmup=warmup,
+                    loss_mode="full" if cuda else "chunked")
+    result = f"{r['step_ms']:.1f} ms/step, {r['tok_per_s']:,.0f} tok/s"
+    result += f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+    result += f", peak {r['mem_gb']:.2f} GiB" if r["mem_gb"] is not None else ""
+    return result, True
+
+
+def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
+    """Two saves through train_gpt2's save_checkpoint of a state shaped like the loop's, optimizer moments filled."""
+    model = GPT(cfg.model).to(device)
+    optimizers = build_optimizers(cfg, model, device.type)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        opt.step()  # creates AdamW's exp_avg and exp_avg_sq, as the first real step does
+    state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": 1,
+             "loader": {"shard": 0, "pos": 0, "epoch": 0}, "rng": rng_state(), "elapsed": 0.0, "evaluated": True,
+             "emas": [], "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model)}
+    os.makedirs(log_dir, exist_ok=True)
+    times = []
+    with tempfile.TemporaryDirectory(dir=log_dir) as run_dir:  # on the disk the loop writes to, not a RAM /tmp
+        for step in (1, 2):
+            sync(device)
+            t0 = time.perf_counter()
+            path = save_checkpoint(run_dir, {**state, "step": step}, keep=2)
+            times.append(time.perf_counter() - t0)
+        mb = os.path.getsize(path) / 1e6
+    return f"{mb:,.0f} MB in {times[0]:.2f} s, then {times[1]:.2f} s ({mb / min(times):,.0f} MB/s)", True
+
+
+def sections(args, device) -> list[tuple[str, str, callable]]:
+    """(check, setting, run) in the order they run; run() returns (result, ok)."""
+    steps, warmup = (2, 1) if args.dry_run else (10, 3)
+    tiny, dtype = " (tiny)" if args.dry_run else "", str(autocast_dtype("auto", device)).removeprefix("torch.")
+    out = [("cuda tests", "`pytest -m cuda -q`", lambda: cuda_tests(args.dry_run, args.test_timeout))]
+    for preset in PRESETS:
+        for batch_size in (2, 4) if args.dry_run else (16, 64):
+            cfg = bench_config(preset, batch_size, args.dry_run)
+            setting = f"{preset}{tiny} B={batch_size} T={cfg.seq_len}, {dtype}{', compiled' * (device.type == 'cuda')}"
+            out.append(("train step", setting, lambda cfg=cfg: train_step(cfg, device, steps, warmup)))
+    cfg = bench_config("gpt2-124m", 1, args.dry_run)
+    out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
+                lambda: checkpoint_save(cfg, device, args.log_dir)))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model, 2 steps, no compile: checks the script")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--log-dir", default="logs", help="the checkpoint is timed in a temporary folder in here")
+    parser.add_argument("--test-timeout", type=float, default=300, help="seconds for the CUDA tests")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    if device.type != "cuda" and not args.dry_run:
+        raise SystemExit(f"gpu_check.py measures a CUDA GPU, and --device {args.device} is {device}: "
+                         "on a machine without one, check the script with --dry-run --device cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the loop and bench.py
+
+    rows, all_ok, start = [], True, time.perf_counter()
+    for check, setting, run in sections(args, device):
+        t0 = time.perf_counter()
+        try:
+            result, ok = run()
+        except Exception as e:  # on a one-shot device run, one broken section must not cost the others
+            result, ok = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", False
+        all_ok = all_ok and ok
+        gc.collect()
+        if device.type == "cuda":
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        seconds = time.perf_counter() - t0
+        print(f"[gpu_check] {check}, {setting}: {result} ({seconds:.1f} s; {time.perf_counter() - start:.0f} s in all)",
+              file=sys.stderr, flush=True)
+        rows.append(f"| {check} | {setting} | {result} | {seconds:.1f} |")
+
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (dry run)"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"## gpu_check: {label}, torch {torch.__version__} (CUDA {torch.version.cuda}), {date}\n")
+    print("| check | setting | result | seconds |\n|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\n{time.perf_counter() - start:.0f} s in all" + ("" if all_ok else "; a check FAILED"))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
