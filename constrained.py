@@ -159,8 +159,8 @@ class EDM2GPT(ConstrainedGPT):
 
 
 # ---------------------------------------------------------------------- hypersphere: nGPT
-# nGPT stores its scales (s_qk, s_fc, alpha, s_z) divided by sqrt(C) and multiplies them back, so the optimizer
-# moves them sqrt(C) times faster than a plain parameter; all are 1-D, so neither weight decay nor Muon touch them.
+# nGPT stores its scales (s_qk, s_fc, alpha, s_z: logit_scale) divided by sqrt(C) and multiplies them back, so the
+# optimizer moves them sqrt(C) times faster than a plain parameter; all are 1-D: no weight decay, no Muon.
 # Every matrix is normalized along the embedding dimension: rows of the maps out of the residual stream, columns
 # (norm_dim 0) of the c_proj maps back into it.
 
