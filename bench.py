@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from model import GPT
+from constrained import build_model
+from model import LOSS_CHUNK_ELEMENTS
 from runtime import autocast_dtype, mfu_peak, pick_device
 from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
@@ -32,9 +33,8 @@ def sync(device: torch.device):
 
 def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int, loss_mode: str) -> dict:
     torch.manual_seed(0)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if loss_mode == "chunked" else 0).to(device)
     optimizers = build_optimizers(cfg, model, device.type)
-    model.loss_chunk_elements = model.loss_chunk_elements if loss_mode == "chunked" else 0
     step_model = torch.compile(model) if use_compile else model
     # a few different batches, so no step reuses the last one's inputs from cache
     batches = [torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), device=device) for _ in range(4)]

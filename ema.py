@@ -219,10 +219,11 @@ def main(argv=None) -> str:
     coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], step, args.sigma_rel)
     tensors = posthoc_reconstruct([e for _, _, e in snaps], coefficients)
 
-    from model import GPT, GPTConfig  # only the CLI needs the model
+    from constrained import build_model  # only the CLI needs the model
+    from model import GPTConfig
 
     config = files[-1]["model_config"]
-    model = GPT(GPTConfig(**config))
+    model = build_model(GPTConfig(**config))
     with torch.no_grad():
         for name, t in zip(files[-1]["names"], tensors, strict=True):
             model.get_parameter(name).copy_(t)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from constrained import build_model
 from model import GPT, GPTConfig
 from runtime import atomic_write, setup_distributed, teardown_distributed
 
@@ -218,7 +219,7 @@ def load_checkpoint(path: str) -> GPT:
         state, config = ckpt["model"], ckpt["model_config"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a training checkpoint: expected keys 'model' and 'model_config'") from e
-    model = GPT(GPTConfig(**config))
+    model = build_model(GPTConfig(**config))
     # a torch.compile'd model's state_dict has every key under '_orig_mod.'
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
     return model

@@ -1,26 +1,28 @@
-"""GPT-2, exactly, plus switches for later architecture ideas: the model, its HF-layout weight
-import/export, KV-cached sampling and FLOP counts.
+"""GPT-2, exactly, plus switches for later architecture ideas: the config, the model, KV-cached sampling,
+the chunked training loss and FLOP counts.
 
 Imports only torch and the standard library. No training code lives here.
 The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
 turned on alone and compared against the baseline (see README "Modern options").
-Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights is
-a rename-free copy (plus a transpose: HF stores its linear layers as `Conv1D` with weights (in, out)).
+Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights (hf_io.py)
+is a rename-free copy. The weight-constrained variants (constrained.py) subclass these classes and override
+their seams: the `linear` and `make_norm` factories, the sublayers' and Block's forward (the residual update),
+GPT.Block, embed, head_weight, no_decay_params and after_step.
 """
 
 import inspect
-import json
 import math
-import os
-import struct
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ---------------------------------------------------------------------- config
+
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu"),
                 "mode": ("gpt2", "edm2", "hypersphere")}
+LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
 
 
 @dataclass
@@ -44,9 +46,8 @@ class GPTConfig:
     tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
-    # weight-constrained modes (they replace `norm` and `bias`: no learned norms, no biases, see README):
-    # edm2: magnitude-preserving layers with unit-norm weight rows (EDM2); hypersphere: every vector on the unit
-    # sphere along the embedding dimension (nGPT)
+    # a weight-constrained variant instead of GPT-2 (built by constrained.build_model; they replace `norm` and
+    # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
     mp_blend: float = 0.3  # edm2: residual x <- mp_sum(x, block(x), mp_blend)
 
@@ -83,33 +84,21 @@ class GPTConfig:
         return same and self.kv_heads == self.n_head
 
 
-# the OpenAI releases, as HF names them
-PRETRAINED = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
-
-
-class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated up to `max_len`."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.n_embd // config.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions already stored (advanced by GPT.hidden after all layers ran)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's k, v (B, H, t, D) and return all keys/values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 # ---------------------------------------------------------------------- attention
+
+
+def rope_tables(config: GPTConfig, start: int, T: int, device):
+    """cos, sin (T, head_dim / 2) of the rotation angles pos * theta^(-2i / head_dim) for positions start.."""
+    head_dim = config.n_embd // config.n_head
+    inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + D/2]) of x (B, H, T, D) by its position's angle (the GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None):
@@ -155,133 +144,64 @@ def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None):
     return y * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
 
 
-def rope_tables(config: GPTConfig, start: int, T: int, device):
-    """cos, sin (T, head_dim / 2) of the rotation angles pos * theta^(-2i / head_dim) for positions start.."""
-    head_dim = config.n_embd // config.n_head
-    inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each pair (x[i], x[i + D/2]) of x (B, H, T, D) by its position's angle (the GPT-NeoX layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    if config.mode == "hypersphere":  # hidden states are kept on the unit sphere by the residual update itself
-        return nn.Identity()
-    if config.mode == "edm2":  # unit RMS, nothing learned: a gain here would undo magnitude preservation
-        return nn.RMSNorm(config.n_embd, eps=1e-5, elementwise_affine=False)
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-# ---------------------------------------------------------------------- weight-constrained modes
-
-
-def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x scaled to unit L2 norm along dim."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-6)
-
-
-def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """EDM2's magnitude-preserving blend: (1-t) a + t b, rescaled so unit-variance a, b give unit variance."""
-    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t**2)
-
-
-def unit_rms_gain(fn) -> float:
-    """1 / RMS of fn(z) for z ~ N(0, 1) (by quadrature): the factor that makes an activation magnitude
-    preserving (EDM2's SiLU / 0.596; GELU 0.652, ReLU^2 1.225)."""
-    z = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
-    density = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
-    return float((fn(z).square() * density).sum().rsqrt())
-
-
-class ConstrainedLinear(nn.Linear):
-    """A bias-free linear layer whose weight is used normalized: unit-norm rows (norm_dim 1, one per output
-    unit) or columns (norm_dim 0, for nGPT's projections back into the embedding space). Normalizing in the
-    forward pass makes the gradient tangent to the sphere; project() puts the stored weight back on it after
-    each optimizer step, so the step size stays relative and no weight decay is needed."""
-
-    def __init__(self, in_features: int, out_features: int, norm_dim: int = 1):
-        super().__init__(in_features, out_features, bias=False)
-        self.norm_dim = norm_dim
-
-    def forward(self, x):
-        return F.linear(x, unit(self.weight, self.norm_dim))
-
-    @torch.no_grad()
-    def project(self):
-        self.weight.copy_(unit(self.weight, self.norm_dim))
-
-
-def linear(config: GPTConfig, in_features: int, out_features: int, into_embedding: bool = False) -> nn.Linear:
-    if config.mode == "gpt2":
-        return nn.Linear(in_features, out_features, bias=config.bias)
-    # nGPT normalizes every matrix along the embedding dimension: the input side, or the output side
-    return ConstrainedLinear(in_features, out_features, 0 if into_embedding and config.mode == "hypersphere" else 1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
         self.head_dim = config.n_embd // config.n_head
-        self.c_attn = linear(config, config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
-        self.c_proj = linear(config, config.n_embd, config.n_embd, into_embedding=True)
+        self.c_attn = self.linear(config, config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
+        self.c_proj = self.linear(config, config.n_embd, config.n_embd)
         self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
-        self.mode, self.qk_norm = config.mode, config.qk_norm
-        if self.mode == "hypersphere":  # nGPT: unit q, k per head, rescaled by a learned s_qk per head and dimension
-            # effective init 1; 1-D, so neither weight decay nor Muon touch it
-            self.s_qk = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
-            self.s_qk_scale = math.sqrt(config.n_embd)
+        self.qk_norm = config.qk_norm
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
+        """The factory of this layer's linear maps (a seam: the constrained models normalize their weights)."""
+        return nn.Linear(in_features, out_features, bias=config.bias)
+
+    def forward(self, x, rope=None, cache: "KVCache | None" = None):
+        return self.c_proj(self.heads(x, rope, cache))
+
+    def heads(self, x, rope=None, cache: "KVCache | None" = None):
+        """Every head's output, side by side (B, T, C): the input of the output projection."""
         B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        return attention(q, k, v, start, self.window, self.sinks).transpose(1, 2).contiguous().view(B, T, C)
+
+    def qkv(self, x, rope=None):
+        """Queries (B, n_head, T, D) and keys and values (B, n_kv_head, T, D) of x (B, T, C)."""
+        B, T, _ = x.shape
         sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(sizes, dim=2))
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.mode == "hypersphere":
-            # nGPT scales q and k by s_qk: (s * q) . (s * k) = (s^2 * q) . k, so q alone carries s^2 (which also
-            # serves grouped-query attention); and sqrt(d) instead of 1/sqrt(d) for unit vectors: q gets d
-            s_qk = (self.s_qk * self.s_qk_scale).view(self.n_head, 1, self.head_dim)
-            q, k = unit(q) * s_qk.square() * self.head_dim, unit(k)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, start, self.window, self.sinks).transpose(1, 2).contiguous().view(B, T, C)
-        if self.mode == "edm2":  # a softmax average of unit-variance values has less than unit variance
-            y = F.rms_norm(y, (C,), eps=1e-5)
-        return self.c_proj(y)
+        return q, k, v
+
+
+# ---------------------------------------------------------------------- MLP, block
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.kind, self.mode = config.mlp, config.mode
+        self.kind = config.mlp
         hidden = 4 * config.n_embd
         if self.kind == "swiglu":  # three matrices instead of two: 8/3 the width keeps the parameter count
             hidden = round(8 * config.n_embd / 3 / 8) * 8
-        self.c_fc = linear(config, config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden)
-        self.c_proj = linear(config, hidden, config.n_embd, into_embedding=True)
+        self.c_fc = self.linear(config, config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden)
+        self.c_proj = self.linear(config, hidden, config.n_embd)
         self.c_proj.residual_out = True
-        if self.mode == "edm2":  # the activation divided by its RMS on unit Gaussians keeps unit variance
-            # (swiglu: silu(gate) times an independent unit-variance `up` has the RMS of silu alone)
-            self.gain = unit_rms_gain(F.silu if self.kind == "swiglu" else self.activation)
-        # nGPT: unit-sphere dot products are small; a learned scale, times sqrt(C) (which swiglu's `up` half gets
-        # too: a constant factor on the block's output, which the residual update normalizes away)
-        if self.mode == "hypersphere":
-            self.s_fc = nn.Parameter(torch.ones(self.c_fc.out_features))
-            self.s_scale = math.sqrt(config.n_embd)
+
+    def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
+        """As CausalSelfAttention.linear."""
+        return nn.Linear(in_features, out_features, bias=config.bias)
 
     def activation(self, h):
         if self.kind == "gelu":
@@ -292,65 +212,51 @@ class MLP(nn.Module):
         return F.silu(gate) * up
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.mode == "hypersphere":
-            h = h * (self.s_fc * self.s_scale)
-        h = self.activation(h)
-        if self.mode == "edm2":
-            h = h * self.gain
-        return self.c_proj(h)
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class Block(nn.Module):
+    Attention, MLP = CausalSelfAttention, MLP
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
-        self.mode, self.mp_blend = config.mode, config.mp_blend
-        if self.mode == "hypersphere":  # nGPT's eigen learning rates: how far each step moves toward the block's output
-            self.alpha_attn = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
-            self.alpha_mlp = nn.Parameter(torch.full((config.n_embd,), config.n_embd**-0.5))
-            self.alpha_scale = 0.05 * math.sqrt(config.n_embd)  # effective alpha 0.05 at init
+        self.ln_1 = self.make_norm(config)
+        self.attn = self.Attention(config, layer)
+        self.ln_2 = self.make_norm(config)
+        self.mlp = self.MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = self.residual(x, self.attn(self.ln_1(x), rope, cache), "alpha_attn")
-        return self.residual(x, self.mlp(self.ln_2(x)), "alpha_mlp")
+    @staticmethod
+    def make_norm(config: GPTConfig) -> nn.Module:
+        """The norm before each sublayer, and the final one (GPT.transformer.ln_f)."""
+        if config.norm == "rmsnorm":
+            return nn.RMSNorm(config.n_embd, eps=1e-5)
+        return nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def residual(self, x, y, alpha: str):
-        if self.mode == "edm2":
-            return mp_sum(x, y, self.mp_blend)
-        if self.mode == "hypersphere":  # a step along the sphere from x toward the block's (unit) output
-            return unit(x + getattr(self, alpha) * self.alpha_scale * (unit(y) - x))
-        return x + y
+    def forward(self, x, rope=None, cache: "KVCache | None" = None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# ---------------------------------------------------------------------- the model
 
 
 class GPT(nn.Module):
-    loss_chunk_elements = 2**24  # logits per chunk of the training loss (64 MB in fp32); 0: no chunking
+    Block = Block  # the constrained models (constrained.py) put their own here
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS):
         super().__init__()
         self.config = config
+        self.loss_chunk_elements = loss_chunk_elements  # 0: the training loss over the full logits at once
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.transformer.ln_f = make_norm(config)
+        self.transformer.h = nn.ModuleList([self.Block(config, i) for i in range(config.n_layer)])
+        self.transformer.ln_f = self.Block.make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        # the constrained modes' logits are dot products with unit vectors: a learned scale sets their range
-        if config.mode == "edm2":
-            self.logit_gain = nn.Parameter(torch.ones(()))
-        # nGPT stores its scales (s_z here, s_qk and alpha in the blocks) divided by sqrt(C) and multiplies them back,
-        # so the optimizer moves them sqrt(C) times faster than a plain parameter. s_z, one per token: nGPT starts
-        # it at 1, which keeps the initial logits within +-1 (cosines) and spends the first hundreds of steps
-        # growing it; sqrt(C) gives unit-variance logits at init, as in the other modes.
-        if config.mode == "hypersphere":
-            self.logit_scale = nn.Parameter(torch.ones(config.padded_vocab_size))
         self.apply(self._init_weights)
-        self.project_weights()
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
@@ -365,34 +271,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def constrained_weights(self) -> list[nn.Parameter]:
-        """The matrices that edm2/hypersphere keep normalized (no weight decay for them); none in gpt2 mode."""
-        if self.config.mode == "gpt2":
-            return []
-        return self._tables() + [m.weight for m in self.modules() if isinstance(m, ConstrainedLinear)]
-
-    def _tables(self) -> list[nn.Parameter]:
-        """Token (and position) embeddings and the head: in the constrained modes, unit rows along C."""
-        tables = [self.transformer.wte.weight, self.lm_head.weight]
-        tables += [self.transformer.wpe.weight] if "wpe" in self.transformer else []
-        return list({id(p): p for p in tables}.values())  # a tied head once
-
-    @torch.no_grad()
-    def project_weights(self):
-        """Put every constrained weight back on its sphere; the training loop calls this after each step."""
-        if self.config.mode == "gpt2":
-            return
-        for m in self.modules():
-            if isinstance(m, ConstrainedLinear):
-                m.project()
-        for table in self._tables():
-            table.copy_(unit(table))
-
     def num_params(self) -> int:
         """Parameter count, tied weights once."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, cache: KVCache | None = None):
+    def hidden(self, idx, cache: "KVCache | None" = None):
         """Final-norm hidden states (B, T, n_embd) for token ids idx (B, T)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -408,28 +291,15 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def embed(self, idx, start: int):
-        mode, C = self.config.mode, self.config.n_embd
+        """The residual stream's start for tokens idx (B, T) at positions start..: token plus position embeddings."""
         x = self.transformer.wte(idx)
-        if mode != "gpt2":  # unit rows; edm2 wants unit RMS (norm sqrt(C)), hypersphere unit norm
-            x = unit(x) * (math.sqrt(C) if mode == "edm2" else 1.0)
-        if self.config.pos != "learned":
-            return x
-        p = self.transformer.wpe(torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device))
-        if mode == "edm2":
-            return mp_sum(x, unit(p) * math.sqrt(C), 0.5)
-        if mode == "hypersphere":
-            return unit(x + unit(p))
-        return x + p
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device))
+        return x
 
     def head_weight(self) -> torch.Tensor:
-        """The (vocab, C) matrix the logits are computed with: the head, or in the constrained modes its
-        normalized rows times the learned logit scale (one tensor, shared by both loss paths)."""
-        w = self.lm_head.weight
-        if self.config.mode == "edm2":
-            return unit(w) * self.logit_gain
-        if self.config.mode == "hypersphere":
-            return unit(w) * (self.logit_scale * math.sqrt(self.config.n_embd))[:, None]
-        return w
+        """The (vocab, C) matrix the logits are computed with (one tensor, shared by both loss paths)."""
+        return self.lm_head.weight
 
     def logits(self, h):
         """LM-head logits; padded vocabulary ids get -inf so they carry exactly zero probability."""
@@ -480,14 +350,20 @@ class GPT(nn.Module):
         """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms."""
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
+    def no_decay_params(self) -> list[nn.Parameter]:
+        """Parameters weight decay leaves alone: biases, norm gains and other vectors."""
+        return [p for p in self.parameters() if p.dim() < 2]
+
+    def after_step(self):
+        """The training loop calls this after every optimizer step; GPT-2 has nothing to do there."""
+
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, eps: float, device_type: str,
                              exclude=()):
-        """AdamW with weight decay on unconstrained matrices (incl. the embedding) only; fused kernel where available.
-        Parameters in `exclude` are left out (another optimizer owns them)."""
-        skip = {id(p) for p in exclude}
-        constrained = {id(p) for p in self.constrained_weights()}  # normalized anyway: decay would do nothing useful
+        """AdamW with weight decay on the matrices (incl. the embedding) outside no_decay_params(); fused kernel
+        where available. Parameters in `exclude` are left out (another optimizer owns them)."""
+        skip, no_decay = {id(p) for p in exclude}, {id(p) for p in self.no_decay_params()}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
-        decays = [p.dim() >= 2 and id(p) not in constrained for p in params]
+        decays = [id(p) not in no_decay for p in params]
         groups = [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": weight_decay},
                   {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
@@ -505,72 +381,41 @@ class GPT(nn.Module):
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
-    # ------------------------------------------------------------------ HF-layout weights
+    # ------------------------------------------------------------------ HF-layout weights (hf_io.py)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, vocab_multiple: int = 1) -> "GPT":
         """OpenAI GPT-2 weights in the HF layout: a directory written by transformers' save_pretrained
         (or by export_hf), or a hub name such as 'gpt2' (needs transformers and internet)."""
-        if os.path.isdir(name_or_dir):
-            with open(os.path.join(name_or_dir, "config.json")) as f:
-                hf = json.load(f)
-            sd = _read_hf_state_dict(name_or_dir)
-        else:
-            if name_or_dir not in PRETRAINED:
-                raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {sorted(PRETRAINED)}")
-            from transformers import GPT2LMHeadModel  # optional dependency, only for hub downloads
+        import hf_io  # safetensors (and transformers for the hub) only when weights are interchanged
 
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-            hf, sd = hf_model.config.to_dict(), hf_model.state_dict()
-        config = GPTConfig(
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple,
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-        )
-        model = cls(config)
-        model.load_hf_state_dict(sd)
-        return model
-
-    def load_hf_state_dict(self, sd: dict):
-        ours = self.state_dict()
-        for key, value in sd.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers of old HF versions; the head is tied to wte
-            if key not in ours:
-                raise KeyError(f"unexpected key in GPT-2 checkpoint: {key}")
-            value = value.t() if key.endswith(_CONV1D) else value
-            target = ours[key]
-            if key == "transformer.wte.weight":  # padded rows stay zero: they are never predicted
-                target = target[: value.shape[0]]
-                ours[key][value.shape[0] :].zero_()
-            if target.shape != value.shape:
-                raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(value)
+        return hf_io.from_pretrained(cls, name_or_dir, vocab_multiple)
 
     def export_hf(self, out_dir: str):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
-        c = self.config
-        if not c.is_gpt2:
-            raise ValueError("only the plain GPT-2 architecture has an HF GPT-2 layout; this model has switches on")
-        sd = {}
-        for key, value in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            value = value.detach().float().cpu()
-            if key == "transformer.wte.weight":
-                value = value[: c.vocab_size]
-            sd[key] = (value.t() if key.endswith(_CONV1D) else value).contiguous()
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-            "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
-            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None,
-            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
-        }
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        _write_safetensors(sd, os.path.join(out_dir, "model.safetensors"))
+        import hf_io
+
+        hf_io.export_hf(self, out_dir)
+
+
+# ---------------------------------------------------------------------- KV cache, sampling
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to `max_len`."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already stored (advanced by GPT.hidden after all layers ran)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H, t, D) and return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 def sample_next(logits, temperature: float, top_k: int | None, generator=None):
@@ -583,6 +428,9 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ---------------------------------------------------------------------- the chunked training loss
 
 
 def chunked_cross_entropy(h, weight, targets, vocab: int, softcap: float, chunk_rows: int, with_grad: bool):
@@ -636,53 +484,3 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
-
-
-# ---------------------------------------------------------------------- HF layout helpers
-
-# HF's GPT-2 stores these linear layers as Conv1D, weight (in, out): transposed relative to nn.Linear.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _read_hf_state_dict(path: str) -> dict:
-    st = os.path.join(path, "model.safetensors")
-    if os.path.exists(st):
-        return _read_safetensors(st)
-    return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-
-
-def _read_safetensors(path: str) -> dict:
-    """Minimal reader of the safetensors format (8-byte header size, JSON header, raw little-endian data),
-    so loading HF weights needs no package beyond torch."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        data = bytearray(f.read())
-    sd = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        buf = data[start:end]
-        sd[key] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]).clone() if buf else torch.empty(info["shape"], dtype=dtype)
-    return sd
-
-
-def _write_safetensors(sd: dict, path: str):
-    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-    for key, t in sd.items():
-        blob = t.numpy().tobytes()
-        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # align the data section
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)

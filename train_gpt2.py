@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloader import DataError, ShardLoader
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
-from model import ARCH_CHOICES, GPT, GPTConfig
+from constrained import build_model
+from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon
 from runtime import Dist, atomic_write, autocast_dtype, mfu_peak, setup_distributed
 
@@ -366,9 +367,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(cfg.model).to(d.device)
-    if (cfg.chunked_loss == "auto" and device_type == "cuda") or cfg.chunked_loss == "0":
-        raw_model.loss_chunk_elements = 0
+    chunked = cfg.chunked_loss == "1" or (cfg.chunked_loss == "auto" and device_type != "cuda")
+    raw_model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if chunked else 0).to(d.device)
     optimizers = build_optimizers(cfg, raw_model, device_type)
     params = list(raw_model.parameters())
     widths = [cfg.ema_sigma_rel] if cfg.ema_sigma_rel else []  # the EMA that is evaluated
@@ -477,7 +477,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                     group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        raw_model.project_weights()  # edm2 / hypersphere: constrained weights back on their spheres
+        raw_model.after_step()  # edm2 / hypersphere: constrained weights back on their spheres
         for ema in emas:
             ema.update(step + 1)  # step + 1 optimizer steps done
         if device_type == "cuda":

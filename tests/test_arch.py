@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from constrained import build_model
 from model import GPT, GPTConfig, apply_rope, attention, flex_attend, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
@@ -108,7 +109,8 @@ def _batch(seed=0):
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_switch_trains_and_both_loss_paths_agree(switch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, **switch))
+    config = GPTConfig(**SMALL, **switch)
+    model = GPT(config, loss_chunk_elements=3 * config.padded_vocab_size)  # 3 rows a chunk: 11 chunks
     x, y = _batch()
     # the full-logits path (F.cross_entropy on model.logits) is the reference for the chunked loss, soft-cap included
     logits, full = model(x, y)
@@ -118,7 +120,6 @@ def test_switch_trains_and_both_loss_paths_agree(switch):
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert all(torch.isfinite(g).all() for g in ref.values())
     model.zero_grad()
-    model.loss_chunk_elements = 3 * model.config.padded_vocab_size  # 3 rows a chunk: 11 chunks
     _, chunked = model(x, y, return_logits=False)
     chunked.backward()
     assert abs(chunked.item() - full.item()) < 1e-5
@@ -205,7 +206,7 @@ COMPILE_CASES = {  # every switch and mode in three compiles (each costs 20-40 s
 @pytest.mark.parametrize("switch", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
 def test_switches_and_modes_compile(switch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, **switch))
+    model = build_model(GPTConfig(**SMALL, **switch))
     x, y = _batch()
     _, eager = model(x, y, return_logits=False)
     eager.backward()

@@ -17,7 +17,8 @@ import ema
 import hellaswag
 import train_gpt2
 from conftest import ROOT
-from model import GPT, ConstrainedLinear, GPTConfig
+from constrained import ConstrainedLinear, EDM2GPT, HypersphereGPT, build_model
+from model import ARCH_CHOICES, GPT, GPTConfig
 from muon import Muon
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
@@ -29,7 +30,7 @@ LOOP = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
 def run_loop(shards, tmp_path, *args, name="run"):
     result = train_gpt2.main([*LOOP, "--data-dir", shards, "--log-dir", str(tmp_path), "--run-name", name, *args])
     ckpt = torch.load(tmp_path / name / f"ckpt_{result['step']:07d}.pt", weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model = build_model(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return result, model
 
@@ -96,7 +97,7 @@ def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows():
     idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(0))
     cfg = dict(block_size=64, n_layer=12, n_head=4, n_embd=128, vocab_multiple=128)
     torch.manual_seed(0)
-    edm2 = residual_rms(GPT(GPTConfig(**cfg, mode="edm2")), idx)
+    edm2 = residual_rms(build_model(GPTConfig(**cfg, mode="edm2")), idx)
     torch.manual_seed(0)
     gpt2 = residual_rms(GPT(GPTConfig(**cfg)), idx)
     # measured (2026-11-24): edm2 stays within 0.96-1.03 at every depth; GPT-2's grows from 0.0286 to 0.0489 (1.7x)
@@ -104,12 +105,38 @@ def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows():
     assert gpt2[-1] / gpt2[0] > 1.4, gpt2
 
 
+# checkpoint layout: the names, in order, that train_gpt2 checkpoints (and their optimizer and EMA states) hold
+H0 = "transformer.h.0."
+LAYOUT = {
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight",
+             *(H0 + n for n in ("ln_1.weight", "ln_1.bias", "attn.sinks", "attn.c_attn.weight", "attn.c_attn.bias",
+                                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")),
+             "transformer.ln_f.weight", "transformer.ln_f.bias"],
+    "edm2": ["logit_gain", "transformer.wte.weight", "transformer.wpe.weight",
+             *(H0 + n for n in ("attn.sinks", "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                "mlp.c_proj.weight"))],
+    "hypersphere": ["logit_scale", "transformer.wte.weight", "transformer.wpe.weight",
+                    *(H0 + n for n in ("alpha_attn", "alpha_mlp", "attn.s_qk", "attn.sinks", "attn.c_attn.weight",
+                                       "attn.c_proj.weight", "mlp.s_fc", "mlp.c_fc.weight", "mlp.c_proj.weight"))],
+}
+
+
+@pytest.mark.parametrize("mode", ARCH_CHOICES["mode"])
+def test_build_model_picks_the_mode_and_keeps_the_checkpoint_layout(mode):
+    model = build_model(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, vocab_multiple=128, mode=mode,
+                                  sinks=True))
+    assert type(model) is {"gpt2": GPT, "edm2": EDM2GPT, "hypersphere": HypersphereGPT}[mode]
+    assert [n for n, _ in model.named_parameters()] == LAYOUT[mode]  # as written before constrained.py existed
+    assert any(isinstance(m, ConstrainedLinear) for m in model.modules()) == (mode != "gpt2")
+
+
 def _ddp_rank(rank, world, port, mode, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, mode=mode))
+    model = build_model(GPTConfig(**SMALL, mode=mode))
     ddp = DDP(model)
     adamw = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 1e-8, "cpu", exclude=model.hidden_matrices())
     muon = Muon(model.hidden_matrices(), lr=0.05, fixed_norm=True)
@@ -120,7 +147,7 @@ def _ddp_rank(rank, world, port, mode, out):
         for opt in (adamw, muon):
             opt.step()
             opt.zero_grad()
-        model.project_weights()
+        model.after_step()
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.empty_like(weights) for _ in range(world)]
     dist.all_gather(gathered, weights)
@@ -165,7 +192,7 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
         weighted = sum(i**gamma * s["model"][key].double() for i, s in enumerate(states, 1))
         return weighted / sum(i**gamma for i in range(1, 9))
 
-    names = [n for n, _ in GPT(GPTConfig(**states[-1]["model_config"])).named_parameters()]
+    names = [n for n, _ in build_model(GPTConfig(**states[-1]["model_config"])).named_parameters()]
     assert torch.allclose(states[-1]["emas"][0]["ema"][names.index(key)].double(), power_average(0.1), atol=1e-6)
     # post hoc, from the snapshots at steps 2, 4, 6, 8 (widths 0.1 and 0.05): a tracked width exactly, another approximately
     assert sorted(p.name for p in (tmp_path / "every" / "ema").iterdir()) == [f"ema_{i:07d}.pt" for i in (2, 4, 6, 8)]

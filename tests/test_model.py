@@ -67,8 +67,8 @@ def test_ours_to_hf_export_loads_in_transformers(tmp_path, vocab_multiple):
 
 def test_chunked_loss_gradients_equal_plain_cross_entropy():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, vocab_multiple=128))
-    model.loss_chunk_elements = 7 * model.config.padded_vocab_size  # several chunks, a ragged last one
+    config = GPTConfig(**SMALL, vocab_multiple=128)
+    model = GPT(config, loss_chunk_elements=7 * config.padded_vocab_size)  # several chunks, a ragged last one
     x, y = tokens(3, 40, seed=2), tokens(3, 40, seed=3)
     logits, loss = model(x)
     F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
