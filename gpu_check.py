@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench import bench_steps, sync
-from model import GPT
+from constrained import build_model
 from runtime import autocast_dtype, pick_device
 from train_gpt2 import build_optimizers, parse_config, rng_state, save_checkpoint
 
@@ -70,7 +70,7 @@ def train_step(cfg, device, steps: int, warmup: int) -> tuple[str, bool]:
 
 def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
     """Two saves through train_gpt2's save_checkpoint of a state shaped like the loop's, optimizer moments filled."""
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     optimizers = build_optimizers(cfg, model, device.type)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
