@@ -29,7 +29,7 @@ from dataloader import DataError, ShardLoader
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
-from muon import Muon
+from muon import Muon, fused_row_splits, set_adamw_lrs
 from runtime import Dist, atomic_write, autocast_dtype, mfu_peak, setup_distributed
 
 
@@ -65,6 +65,18 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
     muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
+    muon_split: bool = False  # orthogonalize attention's q, k, v (and SwiGLU's gate, up) as matrices of their own
+    muon_ns: str = "ns5"  # ns5 (Newton-Schulz quintic) | polar (Polar Express: per-step coefficients, closer to 1)
+    muon_weight_decay: float = 0.0  # decoupled, times Muon's (scheduled, shape-scaled) lr; 0: none
+    muon_cautious_wd: bool = False  # decay only the entries where the update and the weight have the same sign
+    muon_normuon: bool = False  # NorMuon: per-row second-moment normalization of the orthogonalized update
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (nanochat 0.95, modded-nanogpt 0.9)
+    # peak lrs of the AdamW groups (0: max_lr); the schedule scales them like max_lr. The anchors, with the
+    # embedding RMS-normalized after the lookup (unlike GPT-2's): nanochat embed 0.3, head 0.008, scalars 0.5
+    # (embed and head times (n_embd / 768) ** -0.5); modded-nanogpt Adam 0.008, scalars 5x that
+    adam_embed_lr: float = 0.0  # token (untied) and position tables
+    adam_head_lr: float = 0.0  # the LM head; tied to the token table, the shared table
+    adam_scalar_lr: float = 0.0  # the 1-D parameters: biases, norm gains, sinks
     ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
     ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often, for ema.py
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
@@ -101,7 +113,7 @@ PRESETS = {
 }
 
 CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"],
-           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"], **ARCH_CHOICES}
+           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"], "muon_ns": ["ns5", "polar"], **ARCH_CHOICES}
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"
                for name in ("tiny", "tiny-modern")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
@@ -112,8 +124,9 @@ MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("bloc
 RESUME_MUST_MATCH = (
     "data_dir", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
-    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "ema_sigma_rel",
-    "ema_snapshot_every", "seed",
+    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
+    "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "adam_embed_lr", "adam_head_lr",
+    "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every", "seed",
 )
 
 
@@ -141,6 +154,16 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
     cfg.run_name = cfg.run_name or args.preset
     if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
         parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
+    muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2")
+    changed = [k for k in muon_switches if getattr(cfg, k) != getattr(defaults, k)]
+    if changed and cfg.optimizer != "muon":
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)} need --optimizer muon")
+    if cfg.muon_weight_decay < 0 or (cfg.muon_weight_decay and cfg.muon_fixed_norm):
+        parser.error("--muon-weight-decay must be >= 0, and 0 with --muon-fixed-norm 1 (which restores the norm)")
+    if cfg.muon_cautious_wd and not cfg.muon_weight_decay:
+        parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
+    if not 0 <= cfg.muon_beta2 < 1 or min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) < 0:
+        parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
     if not 0 <= cfg.ema_sigma_rel <= 0.3:
         parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
@@ -189,13 +212,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest. Each group remembers its peak lr
     (initial_lr) so the schedule can scale every optimizer by the same factor."""
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type)]
-    else:
-        hidden = model.hidden_matrices()
-        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type, exclude=hidden),
-                      Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm)]
+    hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
+    adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
+                                       exclude=hidden)
+    if cfg.adam_embed_lr or cfg.adam_head_lr or cfg.adam_scalar_lr:
+        set_adamw_lrs(adamw, model, cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr)
+    optimizers = [adamw]
+    if cfg.optimizer == "muon":
+        optimizers.append(Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm,
+                               ns=cfg.muon_ns, weight_decay=cfg.muon_weight_decay, cautious_wd=cfg.muon_cautious_wd,
+                               normuon=cfg.muon_normuon, beta2=cfg.muon_beta2,
+                               row_splits=fused_row_splits(model) if cfg.muon_split else None))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
