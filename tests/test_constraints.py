@@ -4,30 +4,24 @@ the modes: test_arch.py), and the EMA is the average it claims to be, resumes ex
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ema
 import hellaswag
-import train_gpt2
-from conftest import ROOT
+from conftest import ROOT, run, spawn_ranks
 from model import GPT, ConstrainedLinear, GPTConfig
 from muon import Muon
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
-LOOP = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
-        "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0", "--warmup-steps", "2",
-        "--vocab-multiple", "128", "--sample-every", "0", "--checkpoint-every", "0", "--max-lr", "1e-2"]
+LOOP = ["--sample-every", "0", "--checkpoint-every", "0", "--max-lr", "1e-2"]  # on top of conftest's SMALL
 
 
 def run_loop(shards, tmp_path, *args, name="run"):
-    result = train_gpt2.main([*LOOP, "--data-dir", shards, "--log-dir", str(tmp_path), "--run-name", name, *args])
+    result = run(shards, tmp_path, *LOOP, *args, name=name)
     ckpt = torch.load(tmp_path / name / f"ckpt_{result['step']:07d}.pt", weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -104,10 +98,7 @@ def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows():
     assert gpt2[-1] / gpt2[0] > 1.4, gpt2
 
 
-def _ddp_rank(rank, world, port, mode, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_rank(rank, world, mode, out):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL, mode=mode))
     ddp = DDP(model)
@@ -126,17 +117,11 @@ def _ddp_rank(rank, world, port, mode, out):
     dist.all_gather(gathered, weights)
     if rank == 0:
         torch.save(gathered, out)
-    del ddp  # the DDP reducer's threads must be gone before the process group (else a rare abort at exit)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["edm2", "hypersphere"])
 def test_ddp_ranks_stay_identical(tmp_path, mode):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, mode, tmp_path / "w.pt"), nprocs=2)
+    spawn_ranks(_ddp_rank, 2, mode, tmp_path / "w.pt")
     rank0, rank1 = torch.load(tmp_path / "w.pt")
     assert torch.equal(rank0, rank1)
     assert not math.isnan(rank0.sum().item())

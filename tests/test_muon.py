@@ -1,12 +1,10 @@
 """Muon and the wsd schedule: orthogonalized updates, DDP-identical weights, the schedule's formula."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_ranks
 from model import GPT, GPTConfig
 from muon import Muon, orthogonalize
 from train_gpt2 import TrainConfig, lr_at
@@ -24,7 +22,8 @@ def test_orthogonalized_update_has_singular_values_near_one(shape):
 
 
 def test_wsd_schedule_matches_its_formula():
-    cfg = TrainConfig(schedule="wsd", max_lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=100, decay_frac=0.2)
+    # lr_at is the multiplier of the peak lr: the same shape whatever max_lr is
+    cfg = TrainConfig(schedule="wsd", max_lr=6e-4, min_lr_ratio=0.1, warmup_steps=10, max_steps=100, decay_frac=0.2)
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 50) == 1.0 and lr_at(cfg, 80) == 1.0  # stable until the last 20 steps
     assert lr_at(cfg, 90) == pytest.approx(0.55)  # halfway down the linear decay from 1.0 to 0.1
@@ -61,27 +60,18 @@ def muon_steps(x, y, rank=0, world=1, slices=1, steps=3):
     return torch.cat([p.detach().flatten() for p in model.hidden_matrices()] + [final_loss.view(1)])
 
 
-def _rank(rank, world, port, x, y, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _rank(rank, world, x, y, out):
     weights = muon_steps(x, y, rank, world)
     gathered = [torch.empty_like(weights) for _ in range(world)]
     dist.all_gather(gathered, weights)
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
 
 
 def test_muon_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 50257, (4, 32), generator=g), torch.randint(0, 50257, (4, 32), generator=g)
-    mp.spawn(_rank, args=(2, port, x, y, tmp_path / "w.pt"), nprocs=2)
+    spawn_ranks(_rank, 2, x, y, tmp_path / "w.pt")
     rank0, rank1 = torch.load(tmp_path / "w.pt")
     assert torch.equal(rank0, rank1)  # each matrix was orthogonalized by one rank and broadcast
     # the same arithmetic in one process (one thread too, as each rank: matmul blocking depends on it): bit-identical
