@@ -2,9 +2,10 @@
 
 A shard folder (built by fineweb_edu.py) holds uint16 `.npy` token shards and `manifest.json`, which
 lists every shard (file, split, tokens, docs, sha256). `ShardLoader` memory-maps the shards of one
-split and serves batches for one rank of a data-parallel run; its state (shard, pos, epoch) restores
-exactly. Check a folder by hand with `python dataloader.py DIR [--verify]`. `target_bytes` and `bits_per_byte`
-turn a summed val loss into bits per UTF-8 byte of text, a figure that does not depend on the tokenizer.
+split and serves batches for one rank of a data-parallel run, optionally in rows aligned to document
+starts and in a seeded shuffled order; its state (shard, pos, epoch) restores exactly. Check a folder by
+hand with `python dataloader.py DIR [--verify]`. `target_bytes` and `bits_per_byte` turn a summed val loss
+into bits per UTF-8 byte of text, a figure that does not depend on the tokenizer.
 
 torch is imported inside ShardLoader only: fineweb_edu.py imports the manifest helpers below, and the
 tokenizer CLI should neither pay torch's import time nor need torch installed.
@@ -30,6 +31,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("val", "train")
 MANIFEST_KEYS = ("source", "txt_docs", "tokenizer", "dtype", "shard_size", "max_tokens", "complete", "shards")
 SHARD_KEYS = ("file", "split", "tokens", "docs", "sha256", "resume_doc", "resume_offset")
+EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
 OFFLINE_HINT = "offline or small: add `--source path/to/text.txt --txt-docs paragraphs --shard-size 100000`"
 
 
@@ -148,6 +150,18 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return float(total_nats) / (math.log(2) * float(total_bytes))
 
 
+def document_rows(tokens: np.ndarray, row_len: int) -> np.ndarray:
+    """Start offsets of a shard's document-aligned rows of row_len tokens: the first at the shard's first
+    <|endoftext|>, each next one at the first <|endoftext|> at or after the end of the row before."""
+    eots = np.flatnonzero(tokens == EOT)
+    after = np.searchsorted(eots, eots + row_len).tolist()  # for the row at eots[i], the next row's i
+    eots, last, starts, i = eots.tolist(), len(tokens) - row_len, [], 0
+    while i < len(eots) and eots[i] <= last:
+        starts.append(eots[i])
+        i = after[i]
+    return np.array(starts, dtype=np.int64)
+
+
 class ShardLoader:
     """Batches of one split for rank `rank` of `world_size`, read from memory-mapped shards.
 
@@ -156,12 +170,25 @@ class ShardLoader:
     would run past the shard's end moves to the next shard; after the last one the split starts over
     (epoch += 1). The tail of each shard shorter than a window is skipped.
 
+    align_docs: every row is T+1 tokens of the shard that start at an <|endoftext|>: the document that it opens,
+    then the documents after it, in order, until the row is full; the next row starts at the next <|endoftext|>
+    (document_rows). A window is then W*B consecutive rows, rank r taking B of them from the r*B-th. Dropped: the
+    rest of every row's last document (cut at the row's end; a document longer than T+1 tokens keeps its first
+    T+1), a shard's tokens before its first <|endoftext|> (the end of a document begun in the shard before), the
+    last document of a shard that does not fit a row, and the rows after a shard's last whole window.
+
+    shuffle: every epoch visits the shards in a random order and each shard's windows in a random order, both
+    drawn from (seed, epoch) (and the shard): each window once per epoch, the same order for every rank.
+
+    State: epoch, shard (with shuffle, the position in that epoch's shard order) and pos (the token offset of
+    the next window; with align_docs or shuffle, how many of the shard's windows were served).
     Shard headers and sizes are checked against the manifest on construction; verify=True also checks each
     shard's sha256, which reads every shard of the split once.
     """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, device: str | torch.device = "cpu", verify: bool = False):
+                 world_size: int = 1, device: str | torch.device = "cpu", verify: bool = False,
+                 align_docs: bool = False, shuffle: bool = False, seed: int = 0):
         import torch
 
         if split not in SPLITS:
@@ -184,40 +211,97 @@ class ShardLoader:
                              f"step needs (batch_size*seq_len*world_size + 1 = {self.window + 1}); lower batch_size or "
                              "seq_len, or rebuild with a larger --shard-size")
         self.device = torch.device(device)
+        self.align_docs, self.shuffle, self.seed = align_docs, shuffle, seed
         self._tokens: np.ndarray | None = None  # memory map of shard self._open
         self._open = -1
+        self._rows: np.ndarray | None = None  # document_rows of shard self._open (align_docs)
+        self._order_key, self._order = None, None  # the window order of one (epoch, shard) (shuffle)
+        # any() stops at the first shard that holds a window: usually one scan of one shard
+        if align_docs and not any(self._windows(i) for i in range(len(self.paths))):
+            raise ValueError(f"no {split} shard of {data_dir} holds batch_size*world_size = {batch_size * world_size} "
+                             f"document-aligned rows of seq_len+1 = {seq_len + 1} tokens; lower them, or turn "
+                             "align_docs off")
         self.reset()
 
     def reset(self) -> None:
         self.shard, self.pos, self.epoch = 0, 0, 0
 
     def state_dict(self) -> dict:
-        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
+        state = {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
+        return state | ({"align_docs": 1} if self.align_docs else {}) | ({"seed": self.seed} if self.shuffle else {})
 
     def load_state_dict(self, state: dict) -> None:
         shard, pos, epoch = (int(state[k]) for k in ("shard", "pos", "epoch"))
         if not (0 <= shard < len(self.paths) and pos >= 0 and epoch >= 0):
             raise ValueError(f"loader state {state} does not fit this split's {len(self.paths)} shards")
+        # states from before align_docs and shuffle have neither key: both were off
+        if (bool(state.get("align_docs")), state.get("seed")) != (self.align_docs, self.seed if self.shuffle else None):
+            raise ValueError(f"loader state {state} was saved with other data options than align_docs="
+                             f"{int(self.align_docs)}, shuffle={int(self.shuffle)}, seed={self.seed}: resume with "
+                             "the options it was saved with")
         self.shard, self.pos, self.epoch = shard, pos, epoch
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        while self.pos + self.window + 1 > self.sizes[self.shard]:
-            self.shard, self.pos = self.shard + 1, 0
-            if self.shard == len(self.paths):
-                self.shard, self.epoch = 0, self.epoch + 1
-        if self._open != self.shard:
-            self._tokens, self._open = np.load(self.paths[self.shard], mmap_mode="r"), self.shard
-        start = self.pos + self.rank * self.B * self.T
-        buf = torch.from_numpy(self._tokens[start : start + self.B * self.T + 1].astype(np.int64))
-        self.pos += self.window
+        if self.align_docs or self.shuffle:
+            buf = torch.from_numpy(self._next_window())
+        else:
+            while self.pos + self.window + 1 > self.sizes[self.shard]:
+                self.shard, self.pos = self.shard + 1, 0
+                if self.shard == len(self.paths):
+                    self.shard, self.epoch = 0, self.epoch + 1
+            start = self.pos + self.rank * self.B * self.T
+            buf = torch.from_numpy(self._open_shard(self.shard)[start : start + self.B * self.T + 1].astype(np.int64))
+            self.pos += self.window
         if self.device.type == "cuda":
             # page-locked host memory lets the copy overlap with the GPU work that is still queued
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         else:
             buf = buf.to(self.device)
+        if buf.dim() == 2:  # (B, T+1) rows of their own
+            return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def _open_shard(self, index: int) -> np.ndarray:
+        if self._open != index:
+            self._tokens, self._open = np.load(self.paths[index], mmap_mode="r"), index
+            self._rows = document_rows(self._tokens, self.T + 1) if self.align_docs else None
+        return self._tokens
+
+    def _windows(self, index: int) -> int:
+        """How many windows shard `index` holds."""
+        if self.align_docs:
+            self._open_shard(index)
+            return len(self._rows) // (self.B * self.world_size)
+        return (self.sizes[index] - 1) // self.window
+
+    def _shard_index(self) -> int:
+        """The shard at position self.shard of this epoch's order."""
+        if not self.shuffle:
+            return self.shard
+        return int(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))[self.shard])
+
+    def _next_window(self) -> np.ndarray:
+        """This rank's part of the next window with align_docs or shuffle, as int64: (B, T+1) aligned rows, or
+        B*T+1 consecutive tokens."""
+        while self.pos >= self._windows(self._shard_index()):
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.paths):
+                self.shard, self.epoch = 0, self.epoch + 1
+        index = self._shard_index()
+        tokens, window = self._open_shard(index), self.pos
+        if self.shuffle:
+            if self._order_key != (self.epoch, index):
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                self._order_key, self._order = (self.epoch, index), rng.permutation(self._windows(index))
+            window = int(self._order[self.pos])
+        self.pos += 1
+        if not self.align_docs:
+            start = window * self.window + self.rank * self.B * self.T
+            return tokens[start : start + self.B * self.T + 1].astype(np.int64)
+        first = (window * self.world_size + self.rank) * self.B
+        return np.stack([tokens[s : s + self.T + 1] for s in self._rows[first : first + self.B]]).astype(np.int64)
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu"),
                 "mode": ("gpt2", "edm2", "hypersphere")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
+EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
+FLEX_DEVICES = ("cuda",)  # where FlexAttention runs: it has fused kernels and a backward there only
 
 
 @dataclass
@@ -46,6 +48,7 @@ class GPTConfig:
     tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
+    doc_mask: bool = False  # a position attends only within its document (each <|endoftext|> opens one)
     # a weight-constrained variant instead of GPT-2 (built by constrained.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -78,8 +81,9 @@ class GPTConfig:
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
         # sizes may differ, and so may rope_theta and mp_blend: they do nothing without rope and edm2
+        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
-                "mp_blend")
+                "mp_blend", "doc_mask")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 
@@ -101,24 +105,27 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None):
+def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None,
+              docs: torch.Tensor | None = None, block_mask=None):
     """Causal attention of queries (B, H, Tq, D) at positions start.. to keys/values (B, Hkv, Tk, D) at 0..Tk-1.
     window > 0: a query sees only the last `window` positions (itself included). sinks (H,): a learned logit
-    per head added to the softmax denominator (its value vector is zero), so a head can put weight nowhere."""
+    per head added to the softmax denominator (its value vector is zero), so a head can put weight nowhere.
+    docs (B, Tk): the document id of every position; a query sees only the keys of its own document.
+    block_mask: FlexAttention's mask of this window and docs, built once per forward (GPT.hidden), else here."""
     gqa = q.size(1) != k.size(1)
-    if not window and sinks is None:  # plain causal attention: flash attention on GPU
+    if not window and sinks is None and docs is None:  # plain causal attention: flash attention on GPU
         # a prefill (start 0) is the usual causal square; a decode step (one query) sees every cached key
         assert start == 0 or q.size(2) == 1, "KV cache supports a prefill then one token at a time"
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, enable_gqa=gqa)
-    if q.is_cuda and start == 0:  # (fp32 norms under autocast may have promoted q, k: FlexAttention wants one dtype)
-        return flex_attend(q.to(v.dtype), k.to(v.dtype), v, window, sinks)
-    # CPU/MPS (FlexAttention has no backward there) and KV-cache steps: the scores written out
-    if gqa:
+    if q.device.type in FLEX_DEVICES and start == 0:  # (fp32 norms under autocast may have promoted q, k)
+        return flex_attend(q.to(v.dtype), k.to(v.dtype), v, window, sinks, docs, block_mask)
+    # CPU/MPS (FlexAttention has no backward there) and KV-cache steps
+    visible = visible_keys(q.size(2), k.size(2), start, window, docs, q.device)
+    if docs is not None and sinks is None:  # a boolean mask in SDPA: several times faster on CPU than written out
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
+    if gqa:  # the scores written out
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
-    qpos = torch.arange(start, start + q.size(2), device=q.device)[:, None]
-    kpos = torch.arange(k.size(2), device=q.device)[None, :]
-    visible = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = scores.logsumexp(-1, keepdim=True)
     if sinks is not None:
@@ -126,22 +133,70 @@ def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | No
     return torch.exp(scores - lse).to(v.dtype) @ v
 
 
-def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None):
-    """The fused GPU path for windows and sinks: FlexAttention skips the blocks the window masks out, and
+def visible_keys(Tq: int, Tk: int, start: int, window: int, docs: torch.Tensor | None, device):
+    """Which keys 0..Tk-1 each query at start.. sees: (Tq, Tk), or (B, 1, Tq, Tk) with document ids docs (B, Tk)."""
+    qpos = torch.arange(start, start + Tq, device=device)[:, None]
+    kpos = torch.arange(Tk, device=device)[None, :]
+    visible = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+    if docs is not None:
+        visible = visible & (docs[:, None, start : start + Tq, None] == docs[:, None, None, :])
+    return visible
+
+
+def flex_block_mask(window: int, docs: torch.Tensor | None, T: int, device):
+    """FlexAttention's block mask for T causal positions, within `window` (0: all) and, with document ids docs
+    (B, T), within each query's document. GPT.hidden builds one per forward and window, shared by the layers."""
+    from torch.nn.attention import flex_attention as fa
+
+    def visible(b, h, q_idx, kv_idx):
+        seen = q_idx >= kv_idx
+        if window:
+            seen = seen & (q_idx - kv_idx < window)
+        if docs is not None:
+            seen = seen & (docs[b, q_idx] == docs[b, kv_idx])
+        return seen
+
+    return fa.create_block_mask(visible, None if docs is None else docs.size(0), None, T, T, device=device)
+
+
+def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None, docs: torch.Tensor | None = None,
+                block_mask=None):
+    """The fused GPU path for masks and sinks: FlexAttention skips the blocks the mask hides, and
     sinks need no kernel of their own: with Z = exp(lse) the kernel's softmax normalizer,
     softmax-with-sink = softmax * Z / (Z + exp(sink)) = softmax * sigmoid(lse - sink)."""
     from torch.nn.attention import flex_attention as fa
 
-    def visible(b, h, q_idx, kv_idx):
-        causal = q_idx >= kv_idx
-        return causal & (q_idx - kv_idx < window) if window else causal
-
-    T, gqa = q.size(2), q.size(1) != k.size(1)
-    block_mask = fa.create_block_mask(visible, None, None, T, T, device=q.device)
+    if block_mask is None:
+        block_mask = flex_block_mask(window, docs, q.size(2), q.device)
+    gqa = q.size(1) != k.size(1)
     if sinks is None:
         return fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     y, aux = fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True))
     return y * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+
+
+@dataclass
+class AttentionMask:
+    """What every layer's attention shares in one forward, built once by attention_mask in GPT.hidden."""
+
+    docs: torch.Tensor | None  # (B, Tk) document id of every position, cached ones included; None: no doc_mask
+    block_masks: dict  # window -> FlexAttention block mask, for a prefill where FlexAttention runs
+
+
+def attention_mask(config: GPTConfig, idx, cache: "KVCache | None", windows: set[int]) -> AttentionMask | None:
+    """doc_mask's document ids of idx (B, T) (a document starts at the row's start and at each <|endoftext|>,
+    which belongs to the document it opens) and, where FlexAttention will run, a block mask per distinct window
+    of the layers; None when plain causal attention needs neither."""
+    start = cache.pos if cache is not None else 0
+    docs = None
+    if config.doc_mask:
+        docs = (idx == EOT).cumsum(1)
+        docs = cache.update_docs(docs) if cache is not None else docs
+    block_masks = {}
+    if idx.device.type in FLEX_DEVICES and start == 0:
+        flex = [w for w in windows if w or config.sinks or docs is not None]  # the layers that leave SDPA
+        block_masks = {w: flex_block_mask(w, docs, idx.size(1), idx.device) for w in flex}
+    return AttentionMask(docs, block_masks) if docs is not None or block_masks else None
 
 
 class CausalSelfAttention(nn.Module):
@@ -160,10 +215,10 @@ class CausalSelfAttention(nn.Module):
         """The factory of this layer's linear maps (a seam: the constrained models normalize their weights)."""
         return nn.Linear(in_features, out_features, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None):
-        return self.c_proj(self.heads(x, rope, cache))
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        return self.c_proj(self.heads(x, rope, cache, mask))
 
-    def heads(self, x, rope=None, cache: "KVCache | None" = None):
+    def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
         """Every head's output, side by side (B, T, C): the input of the output projection."""
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
@@ -171,7 +226,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)
-        return attention(q, k, v, start, self.window, self.sinks).transpose(1, 2).contiguous().view(B, T, C)
+        docs, block_mask = (mask.docs, mask.block_masks.get(self.window)) if mask is not None else (None, None)
+        y = attention(q, k, v, start, self.window, self.sinks, docs, block_mask)
+        return y.transpose(1, 2).contiguous().view(B, T, C)
 
     def qkv(self, x, rope=None):
         """Queries (B, n_head, T, D) and keys and values (B, n_kv_head, T, D) of x (B, T, C)."""
@@ -232,8 +289,8 @@ class Block(nn.Module):
             return nn.RMSNorm(config.n_embd, eps=1e-5)
         return nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -284,8 +341,9 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, start), None
         if self.config.pos == "rope":
             rope = rope_tables(self.config, start, T, idx.device)
+        mask = attention_mask(self.config, idx, cache, {block.attn.window for block in self.transformer.h})
         for block in self.transformer.h:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -402,12 +460,14 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated up to `max_len`."""
+    """Keys and values of every layer for positions [0, pos), preallocated up to `max_len` (and, with doc_mask,
+    the positions' document ids, which a decode step continues)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.n_embd // config.n_head)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.docs = torch.zeros(batch_size, max_len, device=device, dtype=torch.long) if config.doc_mask else None
         self.pos = 0  # number of positions already stored (advanced by GPT.hidden after all layers ran)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -416,6 +476,12 @@ class KVCache:
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_docs(self, docs: torch.Tensor) -> torch.Tensor:
+        """Store the document ids (B, t) of this step's tokens, counted from 0, after the cached ones; return all."""
+        end = self.pos + docs.size(1)
+        self.docs[:, self.pos : end] = docs + (self.docs[:, self.pos - 1 : self.pos] if self.pos else 0)
+        return self.docs[:, :end]
 
 
 def sample_next(logits, temperature: float, top_k: int | None, generator=None):

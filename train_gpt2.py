@@ -46,6 +46,8 @@ class TrainConfig:
     log_dir: str = "logs"
     run_name: str = ""  # default: the preset's name
     resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
+    align_docs: bool = False  # every train row starts at a document's <|endoftext|> (dataloader.ShardLoader)
+    shuffle: bool = False  # train shards and windows in a seeded random order per epoch
     # the model: every GPTConfig field (model.py) is a flag too (--n-layer 4, --norm rmsnorm, ...); block_size = seq_len,
     # and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_multiple=128))
@@ -131,7 +133,7 @@ MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("bloc
 # Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
 # must not change them.
 RESUME_MUST_MATCH = (
-    "data_dir", "seq_len", "total_batch_size", "max_lr",
+    "data_dir", "align_docs", "shuffle", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
     "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "adam_embed_lr", "adam_head_lr",
@@ -420,7 +422,8 @@ def open_data(cfg: TrainConfig, d: Dist, preset: str) -> tuple[ShardLoader, Shar
     """The train and val loaders, and how many val batches an evaluation reads. Fails on missing or broken
     data before any other work."""
     try:
-        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device,
+                                   align_docs=cfg.align_docs, shuffle=cfg.shuffle, seed=cfg.seed)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
     except (DataError, ValueError) as e:
         hint = f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]}`" if preset in PRESET_DATA else ""

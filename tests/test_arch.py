@@ -7,19 +7,21 @@ import pytest
 import torch
 
 from constrained import build_model
-from model import GPT, GPTConfig, apply_rope, attention, flex_attend, rope_tables
+import model as model_module
+from model import EOT, GPT, GPTConfig, apply_rope, attention, flex_attend, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, sinks=True, window=8,
-              tie_head=False, zero_init=True, softcap=15.0)
+              tie_head=False, zero_init=True, softcap=15.0, doc_mask=True)
 SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), dict(mlp="relu2"), dict(mlp="swiglu"),
             dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True), dict(window=8),
-            dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), ALL_ON]
+            dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True), ALL_ON]
 
 
-def naive_attention(q, k, v, start, window, sinks):
-    """One query at a time, in float64, straight from the definition: softmax over the visible keys, plus
-    exp(sink) in the denominator; key/value head h // (H / Hkv) serves query head h."""
+def naive_attention(q, k, v, start, window, sinks, docs=None):
+    """One query at a time, in float64, straight from the definition: softmax over the visible keys (with
+    document ids docs (B, Tk), only those of the query's document), plus exp(sink) in the denominator; key/value
+    head h // (H / Hkv) serves query head h."""
     B, H, Tq, D = q.shape
     group = H // k.size(1)
     out = torch.zeros(B, H, Tq, D, dtype=torch.float64)
@@ -30,6 +32,8 @@ def naive_attention(q, k, v, start, window, sinks):
             keys = [j for j in range(k.size(2)) if j <= pos and (window == 0 or pos - j < window)]
             logits = torch.einsum("bd,bjd->bj", q[:, h, i].double(), kh[:, keys]) / math.sqrt(D)
             weights = logits.exp()
+            if docs is not None:
+                weights = weights * (docs[:, keys] == docs[:, pos : pos + 1])
             denom = weights.sum(-1, keepdim=True) + (sinks[h].double().exp() if sinks is not None else 0.0)
             out[:, h, i] = torch.einsum("bj,bjd->bd", weights / denom, vh[:, keys])
     return out
@@ -41,6 +45,10 @@ ATTENTION_CASES = [  # (Hkv, window, sinks)
 ]
 
 
+# document ids of two rows of 24 positions: documents open at 0, 7, 8 (one position long) and 15; at 3 and 20
+DOCS = torch.tensor([[0] * 7 + [1] + [2] * 7 + [3] * 9, [0] * 3 + [1] * 17 + [2] * 4])
+
+
 def _qkv(hkv, T=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, T, 16, generator=g, requires_grad=True)
@@ -50,11 +58,13 @@ def _qkv(hkv, T=24, seed=0):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
+@pytest.mark.parametrize("with_docs", [False, True], ids=["", "docs"])
 @pytest.mark.parametrize("hkv,window,use_sinks", ATTENTION_CASES)
-def test_attention_equals_naive_reference(hkv, window, use_sinks, monkeypatch):
+def test_attention_equals_naive_reference(hkv, window, use_sinks, with_docs, monkeypatch):
     q, k, v, sinks = _qkv(hkv)
     sinks = sinks if use_sinks else None
-    expected = naive_attention(q, k, v, 0, window, sinks)
+    docs = DOCS if with_docs else None
+    expected = naive_attention(q, k, v, 0, window, sinks, docs)
     leaves = [t for t in (q, k, v, sinks) if t is not None]
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
     ref_grads = torch.autograd.grad(expected, leaves, grad_out.double())
@@ -62,24 +72,26 @@ def test_attention_equals_naive_reference(hkv, window, use_sinks, monkeypatch):
     # so lift that check to test the sink rescaling and its gradient here
     monkeypatch.setattr("torch.nn.attention.flex_attention._validate_device", lambda *args: None)
     paths = {"model path": attention}
-    if window or use_sinks:
-        paths["flex"] = lambda q, k, v, start, window, sinks: flex_attend(q, k, v, window, sinks)
+    if window or use_sinks or with_docs:
+        paths["flex"] = lambda q, k, v, start, window, sinks, docs: flex_attend(q, k, v, window, sinks, docs)
     for name, fn in paths.items():
-        out = fn(q, k, v, 0, window, sinks)
+        out = fn(q, k, v, 0, window, sinks, docs)
         assert (out.double() - expected).abs().max() < 1e-5, name
         grads = torch.autograd.grad(out, leaves, grad_out)
         for g, ref in zip(grads, ref_grads):
             assert (g.double() - ref).abs().max() < 1e-5, name
 
 
+@pytest.mark.parametrize("with_docs", [False, True], ids=["", "docs"])
 @pytest.mark.parametrize("hkv,window,use_sinks", ATTENTION_CASES)
-def test_attention_decode_step_equals_naive_reference(hkv, window, use_sinks):
+def test_attention_decode_step_equals_naive_reference(hkv, window, use_sinks, with_docs):
     """A KV-cache step: the query at position 20 against the 21 cached keys."""
     q, k, v, sinks = (t.detach() for t in _qkv(hkv))
     sinks = sinks if use_sinks else None
+    docs = DOCS[:, :21] if with_docs else None
     q, k, v = q[:, :, 20:21], k[:, :, :21], v[:, :, :21]
-    out = attention(q, k, v, 20, window, sinks)
-    assert (out.double() - naive_attention(q, k, v, 20, window, sinks)).abs().max() < 1e-5
+    out = attention(q, k, v, 20, window, sinks, docs)
+    assert (out.double() - naive_attention(q, k, v, 20, window, sinks, docs)).abs().max() < 1e-5
 
 
 def test_rope_is_a_complex_rotation_and_relative():
@@ -103,7 +115,9 @@ def test_rope_is_a_complex_rotation_and_relative():
 
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)
+    x, y = torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)
+    x[0, 5] = x[0, 6] = x[1, 11] = EOT  # documents for doc_mask: 0-4, 5, 6-15 and 0-10, 11-15
+    return x, y
 
 
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
@@ -132,16 +146,69 @@ def test_switch_trains_and_both_loss_paths_agree(switch):
 
 
 @pytest.mark.parametrize("switch", [ALL_ON, dict(pos="rope", window=5), dict(sinks=True, n_kv_head=1),
-                                    dict(n_kv_head=2)])
+                                    dict(n_kv_head=2), dict(doc_mask=True)])
 def test_kv_cache_generation_equals_full_rerun(switch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**SMALL, **switch, "zero_init": False})).eval()  # zero-init blocks would ignore context
     prompt = torch.randint(0, 50257, (2, 6))
+    prompt[0, 3] = EOT  # with doc_mask, row 0 generates in the document opened at position 3
     out = model.generate(prompt, 12, temperature=0)
     seq = prompt
     for _ in range(12):  # no cache: the whole sequence through forward() every step
         seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+def _flex_on_cpu(monkeypatch):
+    """Run the model's CUDA attention path, FlexAttention, eagerly on the CPU (see the reference test above)."""
+    monkeypatch.setattr(model_module, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr("torch.nn.attention.flex_attention._validate_device", lambda *args: None)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("path", ["sdpa-mask", "written-out", "flex", "flex-window-sinks"])
+def test_doc_mask_packed_document_gets_its_logits_alone(path, monkeypatch):
+    """With RoPE (relative positions) a document packed after others in a row gets the logits it gets alone."""
+    switch = dict(window=6, sinks=True) if path in ("written-out", "flex-window-sinks") else {}
+    if path.startswith("flex"):
+        _flex_on_cpu(monkeypatch)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, pos="rope", doc_mask=True, **switch)).eval()
+    g = torch.Generator().manual_seed(0)
+    doc = torch.randint(0, EOT, (1, 10), generator=g)
+    doc[0, 0] = EOT
+    before = torch.randint(0, EOT, (1, 13), generator=g)  # the end of a document, then one of its own at 5
+    before[0, 5] = EOT
+    with torch.no_grad():
+        alone = model(doc)[0][..., : model.config.vocab_size]
+        packed = model(torch.cat([before, doc], 1))[0][:, 13:, : model.config.vocab_size]
+        model.config.doc_mask = False  # the same weights attending across documents see the others
+        unmasked = model(torch.cat([before, doc], 1))[0][:, 13:, : model.config.vocab_size]
+    assert (packed - alone).abs().max() < 1e-5
+    assert (unmasked - alone).abs().max() > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("switch,masks", [(dict(window=8, sinks=True), 2), (dict(window=8), 1),
+                                          (dict(doc_mask=True), 1)])
+def test_flex_block_mask_built_once_per_forward_and_window(switch, masks, monkeypatch):
+    """4 layers, FlexAttention's path: one block mask per distinct window of the layers that use it (a window of 0
+    without sinks or doc_mask is SDPA's), not one per layer."""
+    _flex_on_cpu(monkeypatch)
+    from torch.nn.attention import flex_attention as fa
+
+    built = []
+    create = fa.create_block_mask
+    monkeypatch.setattr(fa, "create_block_mask", lambda *args, **kwargs: built.append(1) or create(*args, **kwargs))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SMALL, "n_layer": 4}, **switch)).eval()
+    x, _ = _batch()
+    with torch.no_grad():
+        flex = model(x)[0]
+    assert len(built) == masks
+    monkeypatch.setattr(model_module, "FLEX_DEVICES", ())
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], flex, atol=1e-5)  # the CPU path agrees
 
 
 def test_switch_specifics():
@@ -166,6 +233,7 @@ def test_switch_specifics():
     assert not any(n.endswith(".bias") for n, _ in no_bias.named_parameters())
     with pytest.raises(ValueError, match="HF GPT-2 layout"):
         rope.export_hf("/nonexistent")
+    assert GPTConfig(**SMALL, doc_mask=True).is_gpt2  # no weight changes: exported, it is evaluated per document
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(**SMALL, n_kv_head=3)
     with pytest.raises(ValueError, match="mlp"):

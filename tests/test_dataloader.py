@@ -1,5 +1,6 @@
 """dataloader.ShardLoader: batches against the raw shards, ranks partition the single-rank batch, exact
-save/restore, and clear errors for missing, unfinished and damaged shard folders."""
+save/restore (also with document-aligned rows and the seeded shuffle), and clear errors for missing, unfinished
+and damaged shard folders."""
 
 import json
 import math
@@ -17,7 +18,8 @@ import tiktoken
 import torch
 
 import fineweb_edu
-from dataloader import DataError, ShardLoader, bits_per_byte, target_bytes, token_byte_lengths
+import train_gpt2
+from dataloader import EOT, DataError, ShardLoader, bits_per_byte, target_bytes, token_byte_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 4000
@@ -87,6 +89,146 @@ def test_state_dict_restores_exactly(data_dir):
             assert torch.equal(rx, x) and torch.equal(ry, y)
     with pytest.raises(ValueError, match="does not fit"):
         loader().load_state_dict({"shard": 99, "pos": 0, "epoch": 0})
+
+
+OPTIONS = {"aligned": dict(align_docs=True), "shuffled": dict(shuffle=True, seed=5),
+           "aligned-shuffled": dict(align_docs=True, shuffle=True, seed=5)}
+
+
+def write_shards(out: Path, train: list[list[int]]) -> Path:
+    """A shard folder by hand: a val shard and the given train shards (uint16 token lists)."""
+    out.mkdir()
+    entries = []
+    for i, tokens in enumerate([[EOT] + list(range(1, 200))] + train):
+        name = f"hand_{i:06d}.npy"
+        np.save(out / name, np.array(tokens, dtype=np.uint16))
+        entries.append({"file": name, "split": "train" if i else "val", "tokens": len(tokens), "docs": 0,
+                        "sha256": "", "resume_doc": 0, "resume_offset": 0})
+    manifest = {"source": "hand", "txt_docs": "file", "tokenizer": "gpt2", "dtype": "uint16", "shard_size": 0,
+                "max_tokens": None, "complete": True, "shards": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_aligned_rows_of_hand_made_shards(tmp_path):
+    E = EOT
+    first = [7, 8, E, 1, 2, E, 3, E, 4, 5, 6, 9, 9, 9, E, 6, E, 1, 2, 3, E, 5]
+    second = [E, 1, 2, 3, 4, 5, E, 6]
+    data = write_shards(tmp_path / "hand", [first, second])
+    # rows of 5 tokens (seq_len 4), worked out by hand: 7, 8 precede the first document; "E 4 5 6 9 9 9" is cut
+    # after 9 and the next row starts at the next E; "E 1 2 3" is cut after 2; "E 5" and "E 6" do not fit a row
+    rows = [[E, 1, 2, E, 3], [E, 4, 5, 6, 9], [E, 6, E, 1, 2], [E, 1, 2, 3, 4]]
+    loader = ShardLoader(data, "train", 1, 4, align_docs=True)
+    for row in rows + rows[:2]:
+        x, y = loader.next_batch()
+        assert x.tolist() == [row[:-1]] and y.tolist() == [row[1:]]
+    assert loader.epoch == 1
+    # batches of 2 rows: the first shard's third row is short of a window, the second shard holds none
+    loader = ShardLoader(data, "train", 2, 4, align_docs=True)
+    for _ in range(2):
+        x, y = loader.next_batch()
+        assert x.tolist() == [r[:-1] for r in rows[:2]] and y.tolist() == [r[1:] for r in rows[:2]]
+    assert loader.epoch == 1
+    with pytest.raises(ValueError, match="no train shard .* holds batch_size\\*world_size = 4 document-aligned rows"):
+        ShardLoader(data, "train", 4, 4, align_docs=True)
+
+
+def test_aligned_rows_start_at_documents(data_dir):
+    """On real shards: every row is a slice of its shard that starts at an <|endoftext|>, and the next row of the
+    shard starts at the first <|endoftext|> at or after the row's end (only a document's rest is skipped)."""
+    T, raw = 16, shards(data_dir, "train")
+    loader = ShardLoader(data_dir, "train", 3, T, align_docs=True)
+    last = None  # ((shard, epoch), end of the last row)
+    while loader.epoch < 1 or loader.pos < 3:  # past shard ends and the epoch wrap
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1]) and (x[:, 0] == EOT).all()
+        tokens = raw[loader.shard]
+        starts = np.flatnonzero(tokens == EOT)
+        end = last[1] if last is not None and last[0] == (loader.shard, loader.epoch) else 0
+        for row in torch.cat([x, y[:, -1:]], 1).numpy():
+            start = starts[starts >= end][0]
+            assert np.array_equal(tokens[start : start + T + 1], row)
+            end = start + T + 1
+        last = ((loader.shard, loader.epoch), end)
+
+
+def epoch_windows(loader: ShardLoader, steps: int) -> list[tuple]:
+    """Each batch of `steps` as a hashable (x, last targets) pair."""
+    batches = (loader.next_batch() for _ in range(steps))
+    return [(tuple(x.flatten().tolist()), tuple(y[:, -1].tolist())) for x, y in batches]
+
+
+@pytest.mark.parametrize("align", [False, True], ids=["", "aligned"])
+def test_shuffle_visits_every_window_once_in_a_seeded_order(data_dir, align):
+    B, T = 2, 16
+
+    def loader(seed, shuffle=True):
+        return ShardLoader(data_dir, "train", B, T, align_docs=align, shuffle=shuffle, seed=seed)
+
+    in_order = loader(0, shuffle=False)
+    first = epoch_windows(in_order, 1)
+    while in_order.epoch == 0:  # count an epoch's windows
+        first += epoch_windows(in_order, 1)
+    per_epoch = len(first) - 1
+    shuffled = loader(7)
+    epoch0, epoch1 = epoch_windows(shuffled, per_epoch), epoch_windows(shuffled, per_epoch)
+    assert shuffled.epoch == 1 and shuffled.pos > 0  # exactly two epochs, nothing skipped or repeated
+    assert sorted(epoch0) == sorted(epoch1) == sorted(first[:per_epoch])  # every window once per epoch
+    assert epoch0 != first[:per_epoch] and epoch1 != epoch0  # in a new order each epoch
+    assert epoch_windows(loader(7), per_epoch) == epoch0 and epoch_windows(loader(8), per_epoch) != epoch0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_ranks_split_the_single_rank_batch_with_options(data_dir, world_size, options):
+    B, T = 2, 16
+    single = ShardLoader(data_dir, "train", world_size * B, T, **options)
+    ranks = [ShardLoader(data_dir, "train", B, T, rank=r, world_size=world_size, **options) for r in range(world_size)]
+    while single.epoch < 1 or single.pos < 5:
+        x, y = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        # rank r holds rows r*B .. (r+1)*B-1: together exactly the single-rank batch, nothing twice
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert all(p[0].shape == (B, T) for p in parts)
+    assert all(r.state_dict() == single.state_dict() for r in ranks)
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_state_dict_restores_exactly_with_options(data_dir, options):
+    def loader(**changes):
+        return ShardLoader(data_dir, "train", 3, 8, rank=1, world_size=2, **{**options, **changes})
+
+    first, states, batches = loader(), [], []
+    while first.epoch < 1 or first.pos < 3:  # past shard ends and the epoch wrap
+        states.append(first.state_dict())
+        batches.append(first.next_batch())
+    ends = [k for k in range(1, len(states)) if states[k]["shard"] != states[k - 1]["shard"]]
+    for k in [0, 1, len(states) // 2, *ends[:2], ends[-1], len(states) - 3]:
+        state = json.loads(json.dumps(states[k]))
+        assert all(type(v) is int for v in states[k].values())
+        restored = loader()
+        restored.load_state_dict(state)
+        for x, y in batches[k : k + 3]:
+            rx, ry = restored.next_batch()
+            assert torch.equal(rx, x) and torch.equal(ry, y)
+    # a state of other options (or of a checkpoint from before them: no keys, both off) is refused
+    other = loader(align_docs=not options.get("align_docs", False))
+    with pytest.raises(ValueError, match="other data options"):
+        other.load_state_dict(states[1])
+    with pytest.raises(ValueError, match="other data options"):
+        loader().load_state_dict({"shard": 0, "pos": 1, "epoch": 0})
+
+
+def test_doc_mask_aligned_shuffled_training_step(data_dir, tmp_path):
+    result = train_gpt2.main(["--preset", "tiny", "--data-dir", str(data_dir), "--log-dir", str(tmp_path), "--run-name",
+                              "r", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
+                              "--seq-len", "32", "--total-batch-size", "256", "--val-tokens", "512",
+                              "--hellaswag-every", "0", "--warmup-steps", "2", "--vocab-multiple", "128",
+                              "--sample-every", "0", "--max-steps", "2", "--doc-mask", "1", "--align-docs", "1",
+                              "--shuffle", "1"])
+    assert math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["align_docs"] and config["shuffle"] and config["model"]["doc_mask"]
 
 
 def test_val_reset_repeats_the_same_batches(data_dir):
