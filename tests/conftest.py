@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared beside the repo (here and in CI), or ./shared inside it (the device machine gets the checkout only)
+SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data") if p.is_dir()),
+              ROOT.parent / "shared" / "data")
 sys.path.insert(0, str(ROOT))
 
 # tiktoken cannot download here; point it at the ready cache unless the user chose one
