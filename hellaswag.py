@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from constrained import build_model
-from model import GPT, GPTConfig
+from checkpoint import load_model
+from model import GPT
 from runtime import atomic_write, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -212,19 +212,6 @@ def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: 
 # ---------------------------------------------------------------------- command line
 
 
-def load_checkpoint(path: str) -> GPT:
-    """A GPT from a train_gpt2.py checkpoint: a dict with 'model' (state_dict) and 'model_config' (GPTConfig fields)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        state, config = ckpt["model"], ckpt["model_config"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a training checkpoint: expected keys 'model' and 'model_config'") from e
-    model = build_model(GPTConfig(**config))
-    # a torch.compile'd model's state_dict has every key under '_orig_mod.'
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
-    return model
-
-
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style)")
     weights = p.add_mutually_exclusive_group(required=True)
@@ -244,7 +231,10 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {e}")
 
     d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks
-    model = GPT.from_pretrained(args.model) if args.model else load_checkpoint(args.checkpoint)
+    try:
+        model = GPT.from_pretrained(args.model) if args.model else load_model(args.checkpoint)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     model = model.to(d.device).eval()
     if args.compile:
         model = torch.compile(model)

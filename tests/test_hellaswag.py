@@ -12,6 +12,7 @@ import tiktoken
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
 import hellaswag
 from model import GPT, GPTConfig
 
@@ -234,4 +235,4 @@ def test_cli_with_compiled_checkpoint(model, fixture_examples, tmp_path, capsys)
 
     torch.save({"model": state}, tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        hellaswag.load_checkpoint(str(tmp_path / "bare.pt"))
+        checkpoint.load_model(str(tmp_path / "bare.pt"))
