@@ -28,6 +28,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoint import load_model
 from model import GPT
@@ -125,10 +126,11 @@ def example_rows(example: dict, block_size: int | None) -> list[tuple[tuple[int,
 
 
 def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.dtype | None = None,
-                  tokens_per_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens_per_batch: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean cross-entropy of each ending's tokens: two (len(examples), 4) float32 CPU tensors,
     in the order of examples. model is a GPT (or a compiled one, whose hidden() and logits() run the
-    uncompiled code: eager is as fast here on an H100 and saves a compile); the losses are taken in fp32."""
+    uncompiled code: eager is as fast here on an H100 and saves a compile); the losses are taken in fp32.
+    progress: a tqdm bar of the examples scored (on stderr)."""
     device = torch.device(device)
     # a GPT, or a compiled one (which forwards attribute access), has a block size to respect
     block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -141,6 +143,7 @@ def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows at once.
     order = sorted(range(len(examples)), key=lambda i: -input_len[i])
     sums = torch.zeros(len(examples) * N_ENDINGS, device=device)  # accumulated on device: no sync per batch
+    bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress, leave=False)
 
     start = 0
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -171,6 +174,8 @@ def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.
             logits = model.logits(hidden).float()
             sums.index_add_(0, select[2], F.cross_entropy(logits, select[1], reduction="none"))
             start += len(batch)
+            bar.update(len(batch))
+    bar.close()
     sums = sums.cpu()
     return sums.view(-1, N_ENDINGS), (sums / n_scored).view(-1, N_ENDINGS)
 
@@ -182,15 +187,17 @@ def _to(device: torch.device, t: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: int = 1,
-             autocast_dtype: torch.dtype | None = None, tokens_per_batch: int | None = None) -> dict:
+             autocast_dtype: torch.dtype | None = None, tokens_per_batch: int | None = None,
+             progress: bool = False) -> dict:
     """acc, acc_norm and count over all examples, and examples/s. Rank r scores examples[r::world_size];
     with torch.distributed initialized and world_size > 1, every rank must call this and all get the same
-    result."""
+    result. progress: rank 0 shows a tqdm bar of its share."""
     t0 = time.perf_counter()
     shard = examples[rank::world_size]
     if any("label" not in ex for ex in shard):
         raise ValueError("HellaSwag examples without a label cannot be scored (the test split's labels are hidden)")
-    sums, means = score_endings(model, shard, device, autocast_dtype=autocast_dtype, tokens_per_batch=tokens_per_batch)
+    sums, means = score_endings(model, shard, device, autocast_dtype=autocast_dtype, tokens_per_batch=tokens_per_batch,
+                                progress=progress and rank == 0)
     labels = torch.tensor([int(ex["label"]) for ex in shard], dtype=torch.long)
     counts = torch.tensor(
         [(sums.argmin(1) == labels).sum(), (means.argmin(1) == labels).sum(), len(shard)], dtype=torch.float64
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None):
         model = torch.compile(model)
     autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size, autocast_dtype=autocast_dtype,
-                      tokens_per_batch=args.tokens_per_batch)
+                      tokens_per_batch=args.tokens_per_batch, progress=True)
     if d.master:
         print(f"hellaswag {args.data}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
               f"count {result['count']} examples/s {result['examples_per_s']:.1f}")
