@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dataloader import DataError, ShardLoader
+from dataloader import DataError, ShardLoader, bits_per_byte, target_bytes
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
@@ -172,6 +172,40 @@ class RunLog:
             self.metrics.flush()
 
 
+def human_count(n: int) -> str:
+    """1234 -> '1.2K', 1_234_567 -> '1.2M'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def human_duration(seconds: float) -> str:
+    """75 -> '1m15s', 3720 -> '1h02m'."""
+    s = round(seconds)
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Pace:
+    """The step time the ETA assumes: an exponential average of the optimizer steps' own durations, so eval,
+    sampling and checkpoint pauses do not count. A session's first step (compilation, warm-up) is replaced by
+    the second rather than averaged in."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay, self.seconds, self.steps = decay, 0.0, 0
+
+    def update(self, seconds: float):
+        self.steps += 1
+        self.seconds = seconds if self.steps <= 2 else self.decay * self.seconds + (1 - self.decay) * seconds
+
+    def line(self, step: int, stop_step: int, tokens: int, elapsed: float, fields: str) -> str:
+        """'step 120/300 (40%) | <fields> | 1.2M tokens | elapsed 2m10s | ETA 3m15s'"""
+        eta = (stop_step - step) * self.seconds
+        return (f"step {step:6d}/{stop_step} ({step / stop_step:.0%}) | {fields} | {human_count(tokens)} tokens | "
+                f"elapsed {human_duration(elapsed)} | ETA {human_duration(eta)}")
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to max_lr * min_lr_ratio at max_steps; or, for wsd, constant until
     the last decay_frac of the steps and a linear decay to the same end."""
@@ -268,18 +302,23 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
 
 
 @torch.no_grad()
-def val_loss(model, loader: ShardLoader, batches: int, autocast, d: Dist) -> float:
+def val_loss(model, loader: ShardLoader, batches: int, autocast, d: Dist) -> tuple[float, float]:
+    """Mean val loss per token (nats) and bits per UTF-8 byte of the text the same targets encode, over all ranks."""
     model.eval()
     loader.reset()  # the same val tokens every time
-    total = torch.zeros((), device=d.device)
+    nats = torch.zeros((), device=d.device)
+    n_bytes = torch.zeros((), device=d.device, dtype=torch.int64)  # int64: exact, where fp32 stops at 2^24
     for _ in range(batches):
         x, y = loader.next_batch()
         with autocast:
-            total += model(x, y, return_logits=False)[1].float()
+            nats += model(x, y, return_logits=False)[1].float() * y.numel()
+        n_bytes += target_bytes(y)
     model.train()
     if d.world_size > 1:
-        dist.all_reduce(total)
-    return total.item() / (batches * d.world_size)
+        dist.all_reduce(nats)
+        dist.all_reduce(n_bytes)
+    tokens = batches * d.world_size * loader.B * loader.T
+    return nats.item() / tokens, bits_per_byte(nats.item(), n_bytes.item())
 
 
 @torch.no_grad()
@@ -402,6 +441,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
               f"| grad accumulation {grad_accum} | {val_batches} val batches")
 
     stop = StopRequest()
+    pace = Pace()
     t_start = time.time()
     elapsed = lambda: elapsed_before + time.time() - t_start
     tokens = lambda: step * cfg.total_batch_size
@@ -412,17 +452,19 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         last = step >= stop_step
         due = lambda every: every > 0 and (step % every == 0 or last) and step != evaluated_at and not stopping
         if due(cfg.val_every):
-            result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
-            log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
-            log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
+            result["val_loss"], bpb = val_loss(model, val_loader, val_batches, autocast, d)
+            log.event("val", step, tokens(), elapsed(), loss=result["val_loss"], bpb=bpb)
+            log.print(f"step {step:6d} | val loss {result['val_loss']:.4f} | bpb {bpb:.4f}")
             if emas and step > 0:
                 with emas[0].swapped_in():
-                    result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
-                log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
-                log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} (sigma_rel {cfg.ema_sigma_rel})")
+                    result["val_loss_ema"], bpb = val_loss(model, val_loader, val_batches, autocast, d)
+                log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], bpb=bpb,
+                          sigma_rel=cfg.ema_sigma_rel)
+                log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} | bpb {bpb:.4f} "
+                          f"(sigma_rel {cfg.ema_sigma_rel})")
         if due(cfg.hellaswag_every):
             hs = hellaswag.evaluate(model, hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
-                                    autocast_dtype=dtype if dtype != torch.float32 else None)
+                                    autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)
             result["hellaswag"] = hs["acc_norm"]
             log.event("hellaswag", step, tokens(), elapsed(), acc=hs["acc"], acc_norm=hs["acc_norm"], count=hs["count"])
             log.print(f"step {step:6d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['count']} examples)")
@@ -490,9 +532,11 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         result["train_loss"] = train_loss
         log.event("train", step, tokens(), elapsed(), loss=train_loss, lr=lr, grad_norm=grad_norm.item(),
                   dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu, mem_gb=mem)
-        log.print(f"step {step:6d} | loss {train_loss:.6f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                  f"{dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                  + (f" | {mem:.1f} GiB" if mem else ""))
+        pace.update(dt)
+        log.print(pace.line(step, stop_step, tokens(), elapsed(),
+                            f"loss {train_loss:.6f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | "
+                            f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                            + (f" | {mem:.1f} GiB" if mem else "")))
 
     stop.restore()
     if d.world_size > 1:
