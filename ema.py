@@ -219,11 +219,10 @@ def main(argv=None) -> str:
     coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], step, args.sigma_rel)
     tensors = posthoc_reconstruct([e for _, _, e in snaps], coefficients)
 
-    from constrained import build_model  # only the CLI needs the model
-    from model import GPTConfig
+    from checkpoint import model_from_config  # only the CLI needs the model
 
     config = files[-1]["model_config"]
-    model = build_model(GPTConfig(**config))
+    model = model_from_config(config)
     with torch.no_grad():
         for name, t in zip(files[-1]["names"], tensors, strict=True):
             model.get_parameter(name).copy_(t)

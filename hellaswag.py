@@ -28,9 +28,10 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from constrained import build_model
-from model import GPT, GPTConfig
+from checkpoint import load_model
+from model import GPT
 from runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -125,11 +126,12 @@ def example_rows(example: dict, block_size: int | None) -> list[tuple[tuple[int,
 
 
 def score_endings(model, examples: list[dict], device, *, dtype: torch.dtype = torch.float32,
-                  tokens_per_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens_per_batch: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean cross-entropy of each ending's tokens: two (len(examples), 4) float32 CPU tensors,
     in the order of examples. model is a GPT (or a compiled one, whose hidden() and logits() run the
     uncompiled code: eager is as fast here on an H100 and saves a compile); the forward runs under autocast
-    to dtype (float32: no autocast), the losses are taken in fp32. score_one_by_one is the plain definition."""
+    to dtype (float32: no autocast), the losses are taken in fp32. score_one_by_one is the plain definition.
+    progress: a tqdm bar of the examples scored (on stderr)."""
     device = torch.device(device)
     # a GPT, or a compiled one (which forwards attribute access), has a block size to respect
     block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -142,6 +144,7 @@ def score_endings(model, examples: list[dict], device, *, dtype: torch.dtype = t
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows at once.
     order = sorted(range(len(examples)), key=lambda i: -input_len[i])
     sums = torch.zeros(len(examples) * N_ENDINGS, device=device)  # accumulated on device: no sync per batch
+    bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress, leave=False)
 
     start = 0
     with torch.no_grad(), autocast(device, dtype):
@@ -172,6 +175,8 @@ def score_endings(model, examples: list[dict], device, *, dtype: torch.dtype = t
             logits = model.logits(hidden).float()
             sums.index_add_(0, select[2], F.cross_entropy(logits, select[1], reduction="none"))
             start += len(batch)
+            bar.update(len(batch))
+    bar.close()
     sums = sums.cpu()
     return sums.view(-1, N_ENDINGS), (sums / n_scored).view(-1, N_ENDINGS)
 
@@ -209,15 +214,16 @@ def _to(device: torch.device, t: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: int = 1,
-             dtype: torch.dtype = torch.float32, tokens_per_batch: int | None = None) -> dict:
+             dtype: torch.dtype = torch.float32, tokens_per_batch: int | None = None, progress: bool = False) -> dict:
     """acc, acc_norm and count over all examples, and examples/s. Rank r scores examples[r::world_size];
     with torch.distributed initialized and world_size > 1, every rank must call this and all get the same
-    result."""
+    result. progress: rank 0 shows a tqdm bar of its share."""
     t0 = time.perf_counter()
     shard = examples[rank::world_size]
     if any("label" not in ex for ex in shard):
         raise ValueError("HellaSwag examples without a label cannot be scored (the test split's labels are hidden)")
-    sums, means = score_endings(model, shard, device, dtype=dtype, tokens_per_batch=tokens_per_batch)
+    sums, means = score_endings(model, shard, device, dtype=dtype, tokens_per_batch=tokens_per_batch,
+                                progress=progress and rank == 0)
     labels = torch.tensor([int(ex["label"]) for ex in shard], dtype=torch.long)
     counts = torch.tensor(
         [(sums.argmin(1) == labels).sum(), (means.argmin(1) == labels).sum(), len(shard)], dtype=torch.float64
@@ -239,19 +245,6 @@ def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: 
 # ---------------------------------------------------------------------- command line
 
 
-def load_checkpoint(path: str) -> GPT:
-    """A GPT from a train_gpt2.py checkpoint: a dict with 'model' (state_dict) and 'model_config' (GPTConfig fields)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        state, config = ckpt["model"], ckpt["model_config"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a training checkpoint: expected keys 'model' and 'model_config'") from e
-    model = build_model(GPTConfig(**config))
-    # a torch.compile'd model's state_dict has every key under '_orig_mod.'
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
-    return model
-
-
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style)")
     weights = p.add_mutually_exclusive_group(required=True)
@@ -271,12 +264,16 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {e}")
 
     d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks
-    model = GPT.from_pretrained(args.model) if args.model else load_checkpoint(args.checkpoint)
+    try:
+        model = GPT.from_pretrained(args.model) if args.model else load_model(args.checkpoint)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     model = model.to(d.device).eval()
     if args.compile:
         model = torch.compile(model)
     result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size,
-                      dtype=autocast_dtype(args.dtype, d.device), tokens_per_batch=args.tokens_per_batch)
+                      dtype=autocast_dtype(args.dtype, d.device), tokens_per_batch=args.tokens_per_batch,
+                      progress=True)
     if d.master:
         print(f"hellaswag {args.data}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
               f"count {result['count']} examples/s {result['examples_per_s']:.1f}")

@@ -389,18 +389,23 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
-        """Extend idx (B, T) by max_new_tokens tokens. temperature 0 is greedy. The prompt is run once
-        (prefill) and each new token costs a single position thanks to the KV cache."""
+        """Extend idx (B, T) by max_new_tokens tokens. temperature 0 is greedy."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator)], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        generator=None):
+        """Yield the (B, 1) ids of each new token as soon as it is sampled (sample.py streams them). The prompt
+        is run once (prefill) and each new token costs a single position thanks to the KV cache."""
         B, T = idx.shape
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype)
         if torch.is_autocast_enabled(idx.device.type):
             cache.k, cache.v = (t.to(torch.get_autocast_dtype(idx.device.type)) for t in (cache.k, cache.v))
-        out, step_input = idx, idx
+        step_input = idx
         for _ in range(max_new_tokens):
             logits = self.logits(self.hidden(step_input, cache)[:, -1, :]).float()
             step_input = sample_next(logits, temperature, top_k, generator)
-            out = torch.cat((out, step_input), dim=1)
-        return out
+            yield step_input
 
     # ------------------------------------------------------------------ optimization and FLOPs
 

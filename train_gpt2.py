@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from dataloader import DataError, ShardLoader
+from dataloader import DataError, ShardLoader, bits_per_byte, target_bytes
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
@@ -214,6 +214,40 @@ class RunLog:
 # ---------------------------------------------------------------------- optimizers and schedule
 
 
+def human_count(n: int) -> str:
+    """1234 -> '1.2K', 1_234_567 -> '1.2M'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def human_duration(seconds: float) -> str:
+    """75 -> '1m15s', 3720 -> '1h02m'."""
+    s = round(seconds)
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Pace:
+    """The step time the ETA assumes: an exponential average of the optimizer steps' own durations, so eval,
+    sampling and checkpoint pauses do not count. A session's first step (compilation, warm-up) is replaced by
+    the second rather than averaged in."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay, self.seconds, self.steps = decay, 0.0, 0
+
+    def update(self, seconds: float):
+        self.steps += 1
+        self.seconds = seconds if self.steps <= 2 else self.decay * self.seconds + (1 - self.decay) * seconds
+
+    def line(self, step: int, stop_step: int, tokens: int, elapsed: float, fields: str) -> str:
+        """'step 120/300 (40%) | <fields> | 1.2M tokens | elapsed 2m10s | ETA 3m15s'"""
+        eta = (stop_step - step) * self.seconds
+        return (f"step {step:6d}/{stop_step} ({step / stop_step:.0%}) | {fields} | {human_count(tokens)} tokens | "
+                f"elapsed {human_duration(elapsed)} | ETA {human_duration(eta)}")
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """The schedule's shape: the multiplier of every peak lr (max_lr, muon_lr) at step. Linear warm-up, then cosine
     decay to min_lr_ratio at max_steps; or, for wsd, 1 until the last decay_frac of the steps and a linear decay
@@ -327,18 +361,23 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
 
 
 @torch.no_grad()
-def val_loss(model, loader: ShardLoader, batches: int, dtype: torch.dtype, d: Dist) -> float:
+def val_loss(model, loader: ShardLoader, batches: int, dtype: torch.dtype, d: Dist) -> tuple[float, float]:
+    """Mean val loss per token (nats) and bits per UTF-8 byte of the text the same targets encode, over all ranks."""
     model.eval()
     loader.reset()  # the same val tokens every time
-    total = torch.zeros((), device=d.device)
+    nats = torch.zeros((), device=d.device)
+    n_bytes = torch.zeros((), device=d.device, dtype=torch.int64)  # int64: exact, where fp32 stops at 2^24
     for _ in range(batches):
         x, y = loader.next_batch()
         with autocast(d.device, dtype):
-            total += model(x, y, return_logits=False)[1].float()
+            nats += model(x, y, return_logits=False)[1].float() * y.numel()
+        n_bytes += target_bytes(y)
     model.train()
     if d.world_size > 1:
-        dist.all_reduce(total)
-    return total.item() / (batches * d.world_size)
+        dist.all_reduce(nats)
+        dist.all_reduce(n_bytes)
+    tokens = batches * d.world_size * loader.B * loader.T
+    return nats.item() / tokens, bits_per_byte(nats.item(), n_bytes.item())
 
 
 @torch.no_grad()
@@ -538,6 +577,7 @@ class Trainer:
                        f"compile {use_compile} | grad accumulation {self.grad_accum} | {self.val_batches} val batches")
         self.result = {}  # the latest val loss (and EMA val loss), HellaSwag acc_norm and train loss
         self.stop = StopRequest()
+        self.pace = Pace()  # the step time the log's ETA assumes
         self.t_start = time.time()
 
     def restore(self, ckpt: dict, path: str):
@@ -563,18 +603,18 @@ class Trainer:
         """val loss (and the EMA's), HellaSwag and samples, each on its own cadence."""
         cfg, d, step, due, result = self.cfg, self.d, self.step, self.cadence, self.result
         if due.evaluation_due(cfg.val_every, step, stopping):
-            result["val_loss"] = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
-            self.event("val", loss=result["val_loss"])
-            self.log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
+            result["val_loss"], bpb = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
+            self.event("val", loss=result["val_loss"], bpb=bpb)
+            self.log.print(f"step {step:6d} | val loss {result['val_loss']:.4f} | bpb {bpb:.4f}")
             if self.emas and step > 0:
                 with self.emas[0].swapped_in():
-                    result["val_loss_ema"] = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
-                self.event("val_ema", loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
-                self.log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} "
+                    result["val_loss_ema"], bpb = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
+                self.event("val_ema", loss=result["val_loss_ema"], bpb=bpb, sigma_rel=cfg.ema_sigma_rel)
+                self.log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} | bpb {bpb:.4f} "
                                f"(sigma_rel {cfg.ema_sigma_rel})")
         if due.evaluation_due(cfg.hellaswag_every, step, stopping):
             hs = hellaswag.evaluate(self.model, self.hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, progress=True)
             result["hellaswag"] = hs["acc_norm"]
             self.event("hellaswag", acc=hs["acc"], acc_norm=hs["acc_norm"], count=hs["count"])
             self.log.print(f"step {step:6d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['count']} examples)")
@@ -645,9 +685,11 @@ class Trainer:
         self.result["train_loss"] = s.loss
         self.event("train", loss=s.loss, lr=lr, grad_norm=s.grad_norm, dt_ms=s.seconds * 1000, tok_per_s=tok_per_s,
                    mfu=mfu, mem_gb=mem)
-        self.log.print(f"step {self.step:6d} | loss {s.loss:.6f} | lr {lr:.2e} | norm {s.grad_norm:.3f} | "
-                       f"{s.seconds * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                       + (f" | {mem:.1f} GiB" if mem else ""))
+        self.pace.update(s.seconds)
+        fields = (f"loss {s.loss:.6f} | lr {lr:.2e} | norm {s.grad_norm:.3f} | {s.seconds * 1000:.0f} ms | "
+                  f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "") + (f" | {mem:.1f} GiB" if mem else ""))
+        tokens = self.step * cfg.total_batch_size
+        self.log.print(self.pace.line(self.step, self.cadence.stop_step, tokens, self.elapsed(), fields))
 
     def teardown(self):
         if self.d.world_size > 1:

@@ -10,6 +10,7 @@ import pytest
 import tiktoken
 import torch
 
+import checkpoint
 import hellaswag
 from conftest import spawn_ranks
 from model import GPT, GPTConfig
@@ -232,4 +233,4 @@ def test_cli_with_compiled_checkpoint(model, fixture_examples, tmp_path, capsys)
 
     torch.save({"model": state}, tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        hellaswag.load_checkpoint(str(tmp_path / "bare.pt"))
+        checkpoint.load_model(str(tmp_path / "bare.pt"))
