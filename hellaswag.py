@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from constrained import build_model
 from model import GPT, GPTConfig
-from runtime import atomic_write, setup_distributed, teardown_distributed
+from runtime import atomic_write, load_torch_file, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -214,7 +214,7 @@ def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: 
 
 def load_checkpoint(path: str) -> GPT:
     """A GPT from a train_gpt2.py checkpoint: a dict with 'model' (state_dict) and 'model_config' (GPTConfig fields)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(path)
     try:
         state, config = ckpt["model"], ckpt["model_config"]
     except (KeyError, TypeError) as e:
@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {e}")
 
     d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks
-    model = GPT.from_pretrained(args.model) if args.model else load_checkpoint(args.checkpoint)
+    try:
+        model = GPT.from_pretrained(args.model) if args.model else load_checkpoint(args.checkpoint)
+    except ValueError as e:  # not a checkpoint, or one without the keys of a train_gpt2.py checkpoint
+        sys.exit(f"error: --checkpoint {e}")
     model = model.to(d.device).eval()
     if args.compile:
         model = torch.compile(model)

@@ -11,12 +11,14 @@ command continues from the latest checkpoint (spot instances: SIGTERM saves one 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import json
 import math
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +32,8 @@ from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon
-from runtime import Dist, atomic_write, autocast_dtype, mfu_peak, setup_distributed
+from runtime import (DiskFullError, Dist, atomic_write, autocast_dtype, file_sha256, load_torch_file, mfu_peak, print0,
+                     remove_stale_temps, setup_distributed)
 
 
 @dataclass
@@ -210,16 +213,134 @@ def checkpoint_paths(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, state: dict, keep: int):
-    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact."""
+    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256
+    goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one predates checksums."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+            f.flush()
+            digest = file_sha256(f.name)
+            with atomic_write(path + ".sha256", "w") as s:
+                s.write(f"{digest}  {os.path.basename(path)}\n")
+    except DiskFullError as e:
+        raise SystemExit(f"{e}\nthe checkpoints already in {run_dir} are intact: run the same command to resume "
+                         "from the latest one") from None
     # later-step checkpoints belong to a timeline abandoned by `--resume earlier.pt`: auto-resume must not pick them
     newer = [p for p in checkpoint_paths(run_dir) if p > path]
     older = [p for p in checkpoint_paths(run_dir) if p <= path]
     for old in newer + (older[:-keep] if keep > 0 else []):
         os.remove(old)
+        if os.path.exists(old + ".sha256"):
+            os.remove(old + ".sha256")
     return path
+
+
+class BadCheckpoint(Exception):
+    pass
+
+
+_warned_unchecked = False
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load, after checking the file against its .sha256; a file with none predates checksums (warned once)."""
+    global _warned_unchecked
+    if os.path.exists(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            expected = f.read().split()[:1]
+        if [file_sha256(path)] != expected:
+            raise BadCheckpoint(f"{path} does not match its sha256 in {path}.sha256 (truncated or corrupted)")
+    elif not _warned_unchecked:
+        _warned_unchecked = True
+        print0(f"warning: {path} has no .sha256 beside it (saved before checksums): loading it unchecked")
+    try:
+        return load_torch_file(path)
+    except ValueError as e:
+        raise BadCheckpoint(str(e)) from None
+
+
+def load_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its contents: --resume path, or the newest good one of this run (a bad
+    one is named and skipped: keep_checkpoints >= 2 keeps a fallback), or none."""
+    if cfg.resume == "never":
+        return None, None
+    if cfg.resume != "auto":
+        if not os.path.isfile(cfg.resume):
+            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint file")
+        try:
+            return cfg.resume, load_checkpoint(cfg.resume)
+        except BadCheckpoint as e:
+            raise SystemExit(f"--resume {cfg.resume}: {e}\npass another checkpoint, or --resume auto") from None
+    paths = checkpoint_paths(run_dir)
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except BadCheckpoint as e:
+            print0(f"skipping a bad checkpoint: {e}")
+    if paths:
+        raise SystemExit(f"no good checkpoint in {run_dir} (all {len(paths)} are bad, see above): resume from "
+                         "another with --resume PATH, or start over with --resume never (moves this run aside)")
+    return None, None
+
+
+def holds_run(run_dir: str) -> bool:
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    return bool(checkpoint_paths(run_dir)) or (os.path.exists(metrics) and os.path.getsize(metrics) > 0)
+
+
+def move_run_aside(run_dir: str) -> str:
+    """Starting over in a folder that holds a run: its files go to <run>.old-<time>/ (the lock stays), so two
+    runs' metrics are never merged and no checkpoint of the old run is deleted."""
+    aside = f"{os.path.normpath(run_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(aside)
+    for name in os.listdir(run_dir):
+        if name != "lock":
+            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    return aside
+
+
+class RunLock:
+    """One trainer per run folder: rank 0 holds an flock on <run>/lock for the run's life. The OS releases it when
+    the process dies, so a crash never leaves the folder locked; the file names the holder for the message."""
+
+    held = {}  # path -> file: a lock this process still holds from a train() that raised (tests call main() again)
+
+    def __init__(self, run_dir: str):
+        path = os.path.realpath(os.path.join(run_dir, "lock"))
+        if path in RunLock.held:
+            RunLock.held.pop(path).close()
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise SystemExit(f"{run_dir} is in use by another trainer ({holder}): wait for it to finish, stop it, "
+                             "or train this one under another --run-name") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        RunLock.held[path] = self.file
+
+    def release(self):
+        RunLock.held.pop(os.path.realpath(self.file.name), None)
+        self.file.close()
+
+
+def open_run_dir(cfg: TrainConfig, run_dir: str, master: bool) -> RunLock | None:
+    """Rank 0 locks the run folder, removes temp files of crashed saves, and moves an old run aside when this one
+    starts over (--resume never, or a run that never saved a checkpoint)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if not master:
+        return None
+    lock = RunLock(run_dir)
+    remove_stale_temps(run_dir)
+    starting_over = cfg.resume == "never" or (cfg.resume == "auto" and not checkpoint_paths(run_dir))
+    if starting_over and holds_run(run_dir):
+        print0(f"{run_dir} holds an earlier run, which this one does not continue: moved it to {move_run_aside(run_dir)}")
+    return lock
 
 
 def rng_state() -> dict:
@@ -240,17 +361,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def find_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        if not os.path.isfile(cfg.resume):
-            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint file")
-        return cfg.resume
-    paths = checkpoint_paths(run_dir)
-    return paths[-1] if paths else None
-
-
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     # a setting missing from an older checkpoint did not exist then: the run had it at its default (off)
     defaults = TrainConfig()
@@ -261,7 +371,8 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
-                         + "\nPass the original values, or start a new run with --run-name NAME (or --resume never).")
+                         + "\nPass the original values, or start a new run with --run-name NAME, or start over under this name "
+                         "with --resume never (moves the old run's files aside to <run>.old-<time>/).")
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -303,17 +414,27 @@ def samples(raw_model: GPT, prompt: str, seed: int, device, autocast, count=4, t
 
 
 class StopRequest:
-    """SIGTERM (spot reclaim) or a first Ctrl-C: finish the step, checkpoint, exit 0. A second Ctrl-C kills."""
+    """SIGTERM (spot reclaim), SIGHUP (a closed ssh session; torchrun forwards it) or a first Ctrl-C: finish the
+    step, checkpoint, exit 0. Another signal more than a second later kills; one within a second is the same
+    Ctrl-C forwarded by a wrapper (uv run passes SIGINT on, so Python sees it twice)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    SAME_SIGNAL_S = 1.0
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.first = False, 0.0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self.first = True, now
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print of the loop
+                os.write(2, f"{signal.Signals(signum).name}: stopping after this step (a checkpoint will be saved); "
+                            "press Ctrl-C again to kill\n".encode())
+        elif now - self.first > self.SAME_SIGNAL_S:
+            self.restore()
+            signal.raise_signal(signum)
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -348,10 +469,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     val_batches = max(1, min(cfg.val_tokens // tokens_per_micro, val_windows))
 
     run_dir = os.path.join(cfg.log_dir, cfg.run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    lock = open_run_dir(cfg, run_dir, d.master)
     log = RunLog(run_dir, d.master)
-    resume_path = find_resume_checkpoint(cfg, run_dir)
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
+    resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_resume_config(cfg, ckpt["config"], resume_path)
     if d.master:
@@ -495,6 +615,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                   + (f" | {mem:.1f} GiB" if mem else ""))
 
     stop.restore()
+    if lock:
+        lock.release()
     if d.world_size > 1:
         del train_model  # DDP's reducer before the process group it uses (the other order can abort at exit)
         dist.destroy_process_group()
