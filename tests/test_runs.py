@@ -210,3 +210,14 @@ def test_signal_stops_after_the_step_with_a_checkpoint(shards, tmp_path, signals
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopping after this step (a checkpoint will be saved); press Ctrl-C again to kill" in stderr
     assert len(ckpt_steps(tmp_path / "r")) == 1
+
+
+@pytest.mark.parametrize("bad", ['{"ctx": "a man", "endings": ["x", "y"', '{"context": "a", "endings": []}', "\x00\x01"],
+                         ids=["partial", "wrong-key", "garbage"])
+def test_bad_hellaswag_jsonl_names_file_and_line(tmp_path, hellaswag_val_path, bad):
+    good = hellaswag_val_path.read_text().splitlines()[:2]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("\n".join([*good, bad]) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:3: "):
+        hellaswag.load_examples(str(path))
+    assert len(hellaswag.load_examples(str(path), limit=2)) == 2
