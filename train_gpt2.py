@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dataloader import DataError, ShardLoader
+from dataloader import DataError, ShardLoader, read_manifest
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
@@ -105,7 +106,7 @@ PRESETS = {
 
 CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"],
            "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"], **ARCH_CHOICES}
-PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"
+PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
                for name in ("tiny", "tiny-modern")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
@@ -167,6 +168,14 @@ class RunLog:
             print(msg, flush=True)
             self.text.write(msg + "\n")
             self.text.flush()
+
+    def error(self, step: int, tokens: int, elapsed: float, msg: str) -> SystemExit:
+        """The message that stops the run, kept in log.txt and metrics.jsonl (kind "error") too."""
+        self.event("error", step, tokens, elapsed, message=msg)
+        if self.master:
+            self.text.write(f"error: {msg}\n")
+            self.text.flush()
+        return SystemExit(msg)
 
     def event(self, kind: str, step: int, tokens: int, elapsed: float, **values):
         if self.master:
@@ -361,6 +370,21 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_identity(data_dir: str) -> str:
+    """A hash over the manifest's shard list (file names and sha256s): the same folder rebuilt from another
+    source, or with other settings, gets another identity."""
+    shards = read_manifest(data_dir)["shards"]
+    return hashlib.sha256("\n".join(f"{s['file']} {s['sha256']}" for s in shards).encode()).hexdigest()
+
+
+def check_resume_data(ckpt: dict, data_id: str, path: str, data_dir: str):
+    # checkpoints saved before data identities were recorded cannot be checked
+    if ckpt.get("data_identity", data_id) != data_id:
+        raise SystemExit(f"cannot resume from {path}: the shards in {data_dir} are not the ones this run trained on "
+                         "(the folder was rebuilt from another source or with other settings). Point --data-dir at "
+                         "the original shards, or start a new run with --run-name NAME.")
+
+
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     # a setting missing from an older checkpoint did not exist then: the run had it at its default (off)
     defaults = TrainConfig()
@@ -455,8 +479,10 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
     except (DataError, ValueError) as e:
-        hint = f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]}`" if preset in PRESET_DATA else ""
+        hint = (f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]} --out {cfg.data_dir}`"
+                if preset in PRESET_DATA else "")
         raise SystemExit(f"{e}{hint}") from None
+    data_id = data_identity(cfg.data_dir)
     if cfg.hellaswag_every:
         import hellaswag
 
@@ -474,6 +500,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_resume_config(cfg, ckpt["config"], resume_path)
+        check_resume_data(ckpt, data_id, resume_path, cfg.data_dir)
     if d.master:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
@@ -508,6 +535,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         log.print(f"resumed from {resume_path} at step {step}")
     resumed_at = step if resume_path else -1
+    if resumed_at >= stop_step:
+        log.print(f"the run in {run_dir} is already at step {step} (--stop-at/--max-steps {stop_step}): nothing to "
+                  "train; continue with a later --stop-at, or start another run with --run-name NAME")
     # the evaluations of the resumed step ran before its checkpoint, unless a stop request skipped them
     evaluated_at = step if ckpt is not None and ckpt["evaluated"] else -1
     del ckpt
@@ -559,7 +589,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
                          "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
                          "evaluated": not stopping, "emas": [e.state_dict() for e in emas],
-                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model)}
+                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model),
+                         "data_identity": data_id}
                 log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
                 dist.barrier()
@@ -585,7 +616,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             dist.all_reduce(stats)
         train_loss, stopping = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise SystemExit(f"step {step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; stopping "
+            raise log.error(step, tokens(), elapsed(), f"step {step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; stopping "
                              f"without saving, so the checkpoints in {run_dir} are untouched. Resuming would repeat "
                              f"this exactly: start a new run (--run-name NAME) with a lower --max-lr, or check the data.")
         lr = lr_at(cfg, step)
@@ -614,6 +645,12 @@ def train(cfg: TrainConfig, preset: str) -> dict:
                   f"{dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                   + (f" | {mem:.1f} GiB" if mem else ""))
 
+    if stopping:
+        log.print(f"stopped at step {step} (checkpoint in {run_dir}): run the same command to resume")
+    elif step > resumed_at:
+        val = f"val loss {result['val_loss']:.4f}, " if "val_loss" in result else ""
+        log.print(f"finished: step {step}, {val}{tokens():,} tokens, {elapsed() / 60:.1f} min of training; "
+                  f"checkpoint {checkpoint_paths(run_dir)[-1] if checkpoint_paths(run_dir) else 'none'}")
     stop.restore()
     if lock:
         lock.release()

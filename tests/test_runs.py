@@ -4,6 +4,7 @@ a full disk and signals end in a message and a clean exit."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,7 +210,8 @@ def test_signal_stops_after_the_step_with_a_checkpoint(shards, tmp_path, signals
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopping after this step (a checkpoint will be saved); press Ctrl-C again to kill" in stderr
-    assert len(ckpt_steps(tmp_path / "r")) == 1
+    (step,) = ckpt_steps(tmp_path / "r")
+    assert f"stopped at step {step} (checkpoint in " in stdout and "run the same command to resume" in stdout
 
 
 @pytest.mark.parametrize("bad", ['{"ctx": "a man", "endings": ["x", "y"', '{"context": "a", "endings": []}', "\x00\x01"],
@@ -221,3 +223,49 @@ def test_bad_hellaswag_jsonl_names_file_and_line(tmp_path, hellaswag_val_path, b
     with pytest.raises(ValueError, match=f"{path}:3: "):
         hellaswag.load_examples(str(path))
     assert len(hellaswag.load_examples(str(path), limit=2)) == 2
+
+
+def test_rebuilt_data_folder_is_refused_on_resume(shards, tmp_path, shakespeare_path):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    train_gpt2.main(args(str(data), tmp_path, "--stop-at", "2"))
+    shutil.rmtree(data)  # the same path, rebuilt with other shards
+    fineweb_edu.build(str(shakespeare_path), data, 20_000, workers=1, txt_docs="paragraphs")
+    with pytest.raises(SystemExit, match=f"the shards in {data} are not the ones this run trained on"):
+        train_gpt2.main(args(str(data), tmp_path))
+
+
+def test_missing_data_hint_names_the_folder_given(tmp_path):
+    missing = tmp_path / "my_data"
+    with pytest.raises(SystemExit, match=f"fineweb_edu.py .*--out {missing}`"):
+        train_gpt2.main(args(str(missing), tmp_path))
+
+
+def test_finished_run_and_summary_lines(shards, tmp_path, capsys):
+    train_gpt2.main(args(shards, tmp_path, "--val-every", "4"))
+    run = tmp_path / "r"
+    val = [r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["kind"] == "val"][-1]
+    out = capsys.readouterr().out
+    assert f"finished: step 8, val loss {val:.4f}, 2,048 tokens, " in out  # 8 steps * 256 tokens
+    assert f"checkpoint {run / 'ckpt_0000008.pt'}" in out
+    train_gpt2.main(args(shards, tmp_path, "--val-every", "4"))
+    assert f"the run in {run} is already at step 8" in capsys.readouterr().out
+
+
+def test_nan_stop_is_kept_in_the_run_logs(shards, tmp_path, monkeypatch):
+    import model as model_module
+
+    forward, calls = model_module.GPT.forward, []
+
+    def poisoned(self, idx, targets=None, return_logits=True):
+        logits, loss = forward(self, idx, targets, return_logits)
+        calls.append(1)
+        return logits, loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", poisoned)
+    with pytest.raises(SystemExit, match="not finite") as e:
+        train_gpt2.main(args(shards, tmp_path, "--val-every", "0"))
+    run = tmp_path / "r"
+    errors = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r["kind"] == "error"]
+    assert [r["message"] for r in errors] == [str(e.value)]
+    assert f"error: {e.value}" in (run / "log.txt").read_text()
