@@ -14,13 +14,17 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import time
+import tokenize
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,16 +125,34 @@ RESUME_MUST_MATCH = (
 )
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in cls's source, read with tokenize (a '#' in a string is no comment):
+    --help shows it, so the dataclass stays the one place a flag is described."""
+    source = inspect.getsource(cls)
+    lines, comments = source.splitlines(), {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        field_line = tok.type == tokenize.COMMENT and re.match(r"\s+(\w+)\s*:", lines[tok.start[0] - 1])
+        if field_line:
+            comments[field_line.group(1)] = tok.string.lstrip("# ")
+    return comments
+
+
 def parse_config(argv=None) -> tuple[TrainConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    first = argparse.ArgumentParser(add_help=False)  # --preset before --help: `--preset tiny --help` shows tiny's
+    first.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    preset = first.parse_known_args(argv)[0].preset
+    comments = {**field_comments(GPTConfig), **field_comments(TrainConfig)}
     defaults = TrainConfig()
     for f in TRAIN_FIELDS + MODEL_FIELDS:
         default = getattr(defaults, f.name) if f in TRAIN_FIELDS else getattr(defaults.model, f.name)
+        default = PRESETS[preset].get(f.name, default)
         is_bool = f.type is bool
+        about = comments.get(f.name, "").replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
                             choices=[0, 1] if is_bool else CHOICES.get(f.name),
-                            help=f"gpt2-124m: {int(default) if is_bool else default!r}")
+                            help=f"{about} [{preset}: {int(default) if is_bool else default!r}]".lstrip())
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
     bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}

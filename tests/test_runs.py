@@ -269,3 +269,15 @@ def test_nan_stop_is_kept_in_the_run_logs(shards, tmp_path, monkeypatch):
     errors = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r["kind"] == "error"]
     assert [r["message"] for r in errors] == [str(e.value)]
     assert f"error: {e.value}" in (run / "log.txt").read_text()
+
+
+def test_help_shows_the_field_comment_and_the_presets_value(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per flag
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.parse_config(["--preset", "tiny", "--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    stop_at = next(line for line in lines if line.strip().startswith("--stop-at"))
+    assert "stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps [tiny: 0]" in stop_at
+    assert any(line.strip().startswith("--max-steps") and line.endswith("[tiny: 300]") for line in lines)
+    assert any(line.strip().startswith("--n-layer") and line.endswith("[tiny: 4]") for line in lines)
