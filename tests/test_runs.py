@@ -272,6 +272,7 @@ def test_nan_stop_is_kept_in_the_run_logs(shards, tmp_path, monkeypatch):
 
 
 def test_help_shows_the_field_comment_and_the_presets_value(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at hyphens too
     with pytest.raises(SystemExit) as e:
         train_gpt2.parse_config(["--preset", "tiny", "--help"])
     assert e.value.code == 0
