@@ -38,6 +38,13 @@ def flags(values: dict) -> list[str]:
     pairs = [("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v)) for k, v in values.items()]
     return [arg for pair in pairs for arg in pair]
 
+# the modern preset before the `muon` suite (pinned: that suite's baseline must not move when MODERN does)
+MODERN_BEFORE = flags(dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True))
+MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  # nanochat's default weight decay
+# modded-nanogpt's Adam lrs (0.008, scalars 5x); nanochat's (embed 0.3, head 0.008, scalars 0.5) are for an
+# embedding RMS-normalized after the lookup and gain-free norms, neither of which GPT-2 has
+ANCHOR_ADAM_LRS = ["--adam-embed-lr", "0.008", "--adam-head-lr", "0.008", "--adam-scalar-lr", "0.04"]
+
 # suite -> {config name -> train_gpt2.py flags}, in plotting order; the first config is the baseline
 SUITES: dict[str, dict[str, list[str]]] = {
     # the headline CPU ablation: the modern optimizer alone, then everything modern at once
@@ -63,6 +70,18 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "zero-init": ["--zero-init", "1"],
         "softcap": ["--softcap", "30"],
         "baseline-seed2": ["--seed", "2"],  # the baseline again from another init: how big is the noise?
+    },
+    # Muon as the anchors (modded-nanogpt, nanochat) build it, each piece on top of the modern preset as the `modern`
+    # suite measured it (Muon with fused q/k/v, as before), then all of them at once
+    "muon": {
+        "modern": MODERN_BEFORE,
+        "split": [*MODERN_BEFORE, "--muon-split", "1"],
+        "polar": [*MODERN_BEFORE, "--muon-split", "1", "--muon-ns", "polar"],
+        "cautious-wd": [*MODERN_BEFORE, "--muon-split", "1", *MUON_CAUTIOUS_WD],
+        "normuon": [*MODERN_BEFORE, "--muon-split", "1", "--muon-normuon", "1"],
+        "adam-lrs": [*MODERN_BEFORE, "--muon-split", "1", *ANCHOR_ADAM_LRS],
+        "anchors": [*MODERN_BEFORE, "--muon-split", "1", "--muon-ns", "polar", *MUON_CAUTIOUS_WD, "--muon-normuon", "1",
+                    *ANCHOR_ADAM_LRS],
     },
     # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
     "constraints": {

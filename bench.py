@@ -20,7 +20,7 @@ import torch
 
 from constrained import build_model
 from model import LOSS_CHUNK_ELEMENTS
-from runtime import autocast_dtype, mfu_peak, pick_device
+from runtime import autocast, autocast_dtype, mfu_peak, pick_device
 from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
 
@@ -45,7 +45,7 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
         batch = batches[i % len(batches)]
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             _, loss = step_model(batch[:, :-1], batch[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

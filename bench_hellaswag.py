@@ -12,10 +12,10 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 import hellaswag
 from model import GPT, GPTConfig
+from runtime import autocast_dtype
 
 CONFIGS = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
 
@@ -23,30 +23,6 @@ CONFIGS = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124m": dict(n_layer=
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def one_example_per_forward(model, examples, device, autocast_dtype) -> torch.Tensor:
-    """The baseline: each example's 4 rows padded to their own longest, full-sequence cross-entropy, masked
-    to the ending. Returns the (n, 2) predictions (argmin of summed, of mean loss)."""
-    preds = []
-    for ex in examples:
-        rows = hellaswag.example_rows(ex, model.config.block_size)
-        T = max(len(tokens) for tokens, _ in rows) - 1
-        idx = torch.zeros(4, T, dtype=torch.long)
-        targets = torch.zeros(4, T, dtype=torch.long)
-        mask = torch.zeros(4, T)
-        for r, (tokens, n) in enumerate(rows):
-            idx[r, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-            targets[r, : len(tokens) - 1] = torch.tensor(tokens[1:])
-            mask[r, len(tokens) - 1 - n : len(tokens) - 1] = 1
-        idx, targets, mask = idx.to(device), targets.to(device), mask.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(idx)[0]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(4, T)
-        sums = (losses * mask).sum(1)
-        preds.append(torch.stack([sums.argmin(), (sums / mask.sum(1)).argmin()]))
-    return torch.stack(preds).cpu()
 
 
 def main():
@@ -62,7 +38,7 @@ def main():
     args = p.parse_args()
 
     device = torch.device(args.device)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_multiple=128, **CONFIGS[args.config])).to(device).eval()
     fwd = torch.compile(model) if args.compile else model
@@ -75,20 +51,20 @@ def main():
 
     # the first run pays for tokenization (then cached) and compilation; the second is the steady state
     for run in ("cold", "warm"):
-        result = hellaswag.evaluate(fwd, examples, device, autocast_dtype=autocast_dtype, tokens_per_batch=args.tokens_per_batch)
+        result = hellaswag.evaluate(fwd, examples, device, dtype=dtype, tokens_per_batch=args.tokens_per_batch)
         print(f"batched {run}: {result['examples_per_s']:.1f} examples/s ({result['count']} examples)")
 
     n = len(examples) if args.baseline_limit is None else args.baseline_limit
     if n:
-        one_example_per_forward(fwd, examples[:2], device, autocast_dtype)  # warm-up (and compile)
+        hellaswag.score_one_by_one(fwd, examples[:2], device, dtype=dtype)  # warm-up (and compile)
         sync(device)
         t0 = time.perf_counter()
-        preds = one_example_per_forward(fwd, examples[:n], device, autocast_dtype)
+        plain = hellaswag.score_one_by_one(fwd, examples[:n], device, dtype=dtype)
         sync(device)
         baseline = n / (time.perf_counter() - t0)
-        sums, means = hellaswag.score_endings(fwd, examples[:n], device, autocast_dtype=autocast_dtype,
-                                              tokens_per_batch=args.tokens_per_batch)
-        agree = (preds == torch.stack([sums.argmin(1), means.argmin(1)], 1)).all(1).float().mean().item()
+        batched = hellaswag.score_endings(fwd, examples[:n], device, dtype=dtype, tokens_per_batch=args.tokens_per_batch)
+        # the prediction of each rule (lowest summed loss, lowest mean loss) per example
+        agree = torch.stack([a.argmin(1) == b.argmin(1) for a, b in zip(plain, batched)], 1).all(1).float().mean().item()
         print(f"one example per forward: {baseline:.1f} examples/s ({n} examples); "
               f"batched is {result['examples_per_s'] / baseline:.2f}x; predictions agree on {agree:.1%}")
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from constrained import build_model
 from model import GPT, GPTConfig
-from runtime import atomic_write, load_torch_file, setup_distributed, teardown_distributed
+from runtime import atomic_write, autocast, autocast_dtype, load_torch_file, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -136,11 +136,12 @@ def example_rows(example: dict, block_size: int | None) -> list[tuple[tuple[int,
 # ---------------------------------------------------------------------- scoring
 
 
-def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.dtype | None = None,
+def score_endings(model, examples: list[dict], device, *, dtype: torch.dtype = torch.float32,
                   tokens_per_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean cross-entropy of each ending's tokens: two (len(examples), 4) float32 CPU tensors,
     in the order of examples. model is a GPT (or a compiled one, whose hidden() and logits() run the
-    uncompiled code: eager is as fast here on an H100 and saves a compile); the losses are taken in fp32."""
+    uncompiled code: eager is as fast here on an H100 and saves a compile); the forward runs under autocast
+    to dtype (float32: no autocast), the losses are taken in fp32. score_one_by_one is the plain definition."""
     device = torch.device(device)
     # a GPT, or a compiled one (which forwards attribute access), has a block size to respect
     block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -155,7 +156,7 @@ def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.
     sums = torch.zeros(len(examples) * N_ENDINGS, device=device)  # accumulated on device: no sync per batch
 
     start = 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.no_grad(), autocast(device, dtype):
         while start < len(order):
             T = -(-input_len[order[start]] // PAD_MULTIPLE) * PAD_MULTIPLE
             T = T if block_size is None else min(T, block_size)
@@ -187,6 +188,32 @@ def score_endings(model, examples: list[dict], device, *, autocast_dtype: torch.
     return sums.view(-1, N_ENDINGS), (sums / n_scored).view(-1, N_ENDINGS)
 
 
+@torch.no_grad()
+def score_one_by_one(model, examples: list[dict], device, *, dtype: torch.dtype = torch.float32):
+    """What score_endings computes, the plain way: one forward per example over its 4 rows (padded to their own
+    longest), the full logits, each row's cross-entropy masked to its ending. Slow; the baseline of
+    bench_hellaswag.py and a second code path for the tests."""
+    device = torch.device(device)
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    sums, counts = torch.zeros(len(examples), N_ENDINGS, device=device), torch.zeros(len(examples), N_ENDINGS)
+    for i, example in enumerate(examples):
+        rows = example_rows(example, block_size)
+        T = max(len(tokens) for tokens, _ in rows) - 1
+        idx, targets = torch.zeros(N_ENDINGS, T, dtype=torch.long), torch.zeros(N_ENDINGS, T, dtype=torch.long)
+        mask = torch.zeros(N_ENDINGS, T)
+        for r, (tokens, n) in enumerate(rows):
+            idx[r, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+            targets[r, : len(tokens) - 1] = torch.tensor(tokens[1:])
+            mask[r, len(tokens) - 1 - n : len(tokens) - 1] = 1  # the positions that predict an ending token
+            counts[i, r] = n
+        with autocast(device, dtype):
+            logits = model(idx.to(device))[0]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none")
+        sums[i] = (losses.view(N_ENDINGS, T) * mask.to(device)).sum(1)
+    sums = sums.cpu()
+    return sums, sums / counts
+
+
 def _to(device: torch.device, t: torch.Tensor) -> torch.Tensor:
     # From pinned memory the copy queues behind the GPU's work instead of waiting for it, so the next
     # batch is prepared while this one runs.
@@ -194,7 +221,7 @@ def _to(device: torch.device, t: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: int = 1,
-             autocast_dtype: torch.dtype | None = None, tokens_per_batch: int | None = None) -> dict:
+             dtype: torch.dtype = torch.float32, tokens_per_batch: int | None = None) -> dict:
     """acc, acc_norm and count over all examples, and examples/s. Rank r scores examples[r::world_size];
     with torch.distributed initialized and world_size > 1, every rank must call this and all get the same
     result."""
@@ -202,7 +229,7 @@ def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: 
     shard = examples[rank::world_size]
     if any("label" not in ex for ex in shard):
         raise ValueError("HellaSwag examples without a label cannot be scored (the test split's labels are hidden)")
-    sums, means = score_endings(model, shard, device, autocast_dtype=autocast_dtype, tokens_per_batch=tokens_per_batch)
+    sums, means = score_endings(model, shard, device, dtype=dtype, tokens_per_batch=tokens_per_batch)
     labels = torch.tensor([int(ex["label"]) for ex in shard], dtype=torch.long)
     counts = torch.tensor(
         [(sums.argmin(1) == labels).sum(), (means.argmin(1) == labels).sum(), len(shard)], dtype=torch.float64
@@ -263,9 +290,8 @@ def main(argv: list[str] | None = None):
     model = model.to(d.device).eval()
     if args.compile:
         model = torch.compile(model)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size, autocast_dtype=autocast_dtype,
-                      tokens_per_batch=args.tokens_per_batch)
+    result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size,
+                      dtype=autocast_dtype(args.dtype, d.device), tokens_per_batch=args.tokens_per_batch)
     if d.master:
         print(f"hellaswag {args.data}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
               f"count {result['count']} examples/s {result['examples_per_s']:.1f}")

@@ -32,13 +32,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
 from dataloader import DataError, ShardLoader, read_manifest
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
-from muon import Muon
-from runtime import (DiskFullError, Dist, atomic_write, autocast_dtype, file_sha256, load_torch_file, mfu_peak, print0,
-                     remove_stale_temps, setup_distributed)
+from muon import Muon, fused_row_splits, set_adamw_lrs
+from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file, mfu_peak,
+                     print0, remove_stale_temps, setup_distributed)
+
+
+def choice(*values: str):
+    """A field that takes one of values, the first being its default: argparse and TrainConfig both check it."""
+    return field(default=values[0], metadata={"choices": values})
 
 
 @dataclass
@@ -58,7 +64,7 @@ class TrainConfig:
     # optimizer and schedule (GPT-3 small hyper-parameters)
     max_lr: float = 6e-4
     min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio at max_steps
-    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, linear decay over the last decay_frac of the steps)
+    schedule: str = choice("cosine", "wsd")  # wsd: warm-up, stable, linear decay over the last decay_frac of the steps
     decay_frac: float = 0.2
     warmup_steps: int = 715
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
@@ -68,11 +74,23 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    optimizer: str = choice("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like max_lr
     muon_momentum: float = 0.95
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
     muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
+    muon_split: bool = False  # orthogonalize attention's q, k, v (and SwiGLU's gate, up) as matrices of their own
+    muon_ns: str = choice("ns5", "polar")  # ns5: Newton-Schulz quintic; polar: Polar Express (per-step coefficients)
+    muon_weight_decay: float = 0.0  # decoupled, times Muon's (scheduled, shape-scaled) lr; 0: none
+    muon_cautious_wd: bool = False  # decay only the entries where the update and the weight have the same sign
+    muon_normuon: bool = False  # NorMuon: per-row second-moment normalization of the orthogonalized update
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (nanochat 0.95, modded-nanogpt 0.9)
+    # peak lrs of the AdamW groups (0: max_lr); the schedule scales them like max_lr. The anchors, with the
+    # embedding RMS-normalized after the lookup (unlike GPT-2's): nanochat embed 0.3, head 0.008, scalars 0.5
+    # (embed and head times (n_embd / 768) ** -0.5); modded-nanogpt Adam 0.008, scalars 5x that
+    adam_embed_lr: float = 0.0  # token (untied) and position tables
+    adam_head_lr: float = 0.0  # the LM head; tied to the token table, the shared table
+    adam_scalar_lr: float = 0.0  # the 1-D parameters: biases, norm gains, sinks
     ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
     ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often, for ema.py
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
@@ -87,10 +105,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # system
     device: str = "auto"  # auto: cuda > mps > cpu
-    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere (bfloat16 is faster on most CPUs too)
-    compile: str = "auto"  # torch.compile: auto = on for CUDA; 1 / 0
-    chunked_loss: str = "auto"  # auto = on except on CUDA (see BENCHMARKS.md); 1 / 0
+    dtype: str = choice("auto", "float32", "bfloat16")  # autocast: auto = bfloat16 on CUDA, else float32
+    compile: str = choice("auto", "0", "1")  # torch.compile: auto = on for CUDA
+    chunked_loss: str = choice("auto", "0", "1")  # auto = on except on CUDA (see BENCHMARKS.md)
     seed: int = 1337
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
 
 
 TINY = dict(
@@ -108,8 +131,6 @@ PRESETS = {
     "tiny-modern": {**TINY, **MODERN},
 }
 
-CHOICES = {"dtype": ["auto", "float32", "bfloat16"], "compile": ["auto", "0", "1"], "chunked_loss": ["auto", "0", "1"],
-           "schedule": ["cosine", "wsd"], "optimizer": ["adamw", "muon"], **ARCH_CHOICES}
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
                for name in ("tiny", "tiny-modern")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
@@ -120,8 +141,9 @@ MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("bloc
 RESUME_MUST_MATCH = (
     "data_dir", "seq_len", "total_batch_size", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
-    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "ema_sigma_rel",
-    "ema_snapshot_every", "seed",
+    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
+    "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "adam_embed_lr", "adam_head_lr",
+    "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every", "seed",
 )
 
 
@@ -135,6 +157,11 @@ def field_comments(cls) -> dict[str, str]:
         if field_line:
             comments[field_line.group(1)] = tok.string.lstrip("# ")
     return comments
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of a string field: TrainConfig's fields carry theirs, model.py's are in ARCH_CHOICES."""
+    return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, str]:
@@ -151,22 +178,32 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
         is_bool = f.type is bool
         about = comments.get(f.name, "").replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
-                            choices=[0, 1] if is_bool else CHOICES.get(f.name),
+                            choices=[0, 1] if is_bool else field_choices(f),
                             help=f"{about} [{preset}: {int(default) if is_bool else default!r}]".lstrip())
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
     bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}
     values = {k: bool(v) if k in bools else v for k, v in values.items()}
     model_names = {f.name for f in MODEL_FIELDS}
-    try:
+    try:  # inconsistent flags, e.g. --n-kv-head not dividing --n-head, or a preset's value out of its choices
         model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len),
                                     **{k: v for k, v in values.items() if k in model_names})
-    except ValueError as e:  # inconsistent model flags, e.g. --n-kv-head not dividing --n-head
+        cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
+    except ValueError as e:
         parser.error(str(e))
-    cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
     cfg.run_name = cfg.run_name or args.preset
     if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
         parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
+    muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2")
+    changed = [k for k in muon_switches if getattr(cfg, k) != getattr(defaults, k)]
+    if changed and cfg.optimizer != "muon":
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)} need --optimizer muon")
+    if cfg.muon_weight_decay < 0 or (cfg.muon_weight_decay and cfg.muon_fixed_norm):
+        parser.error("--muon-weight-decay must be >= 0, and 0 with --muon-fixed-norm 1 (which restores the norm)")
+    if cfg.muon_cautious_wd and not cfg.muon_weight_decay:
+        parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
+    if not 0 <= cfg.muon_beta2 < 1 or min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) < 0:
+        parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
     if not 0 <= cfg.ema_sigma_rel <= 0.3:
         parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
@@ -206,34 +243,54 @@ class RunLog:
             self.metrics.flush()
 
 
+# ---------------------------------------------------------------------- optimizers and schedule
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to max_lr * min_lr_ratio at max_steps; or, for wsd, constant until
-    the last decay_frac of the steps and a linear decay to the same end."""
+    """The schedule's shape: the multiplier of every peak lr (max_lr, muon_lr) at step. Linear warm-up, then cosine
+    decay to min_lr_ratio at max_steps; or, for wsd, 1 until the last decay_frac of the steps and a linear decay
+    to the same end."""
     if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    min_lr = cfg.max_lr * cfg.min_lr_ratio
+        return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
         decay_start = cfg.max_steps - round(cfg.decay_frac * cfg.max_steps)
         progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
-        return cfg.max_lr + progress * (min_lr - cfg.max_lr)
+        return 1.0 + progress * (cfg.min_lr_ratio - 1.0)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
+    return cfg.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr_ratio)
 
 
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest. Each group remembers its peak lr
     (initial_lr) so the schedule can scale every optimizer by the same factor."""
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type)]
-    else:
-        hidden = model.hidden_matrices()
-        optimizers = [model.configure_optimizers(cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type, exclude=hidden),
-                      Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm)]
+    hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
+    adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
+                                       exclude=hidden)
+    if cfg.adam_embed_lr or cfg.adam_head_lr or cfg.adam_scalar_lr:
+        set_adamw_lrs(adamw, model, cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr)
+    optimizers = [adamw]
+    if cfg.optimizer == "muon":
+        optimizers.append(Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm,
+                               ns=cfg.muon_ns, weight_decay=cfg.muon_weight_decay, cautious_wd=cfg.muon_cautious_wd,
+                               normuon=cfg.muon_normuon, beta2=cfg.muon_beta2,
+                               row_splits=fused_row_splits(model) if cfg.muon_split else None))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def set_schedule(cfg: TrainConfig, optimizers: list[torch.optim.Optimizer], step: int) -> float:
+    """Every group's lr for this step: its peak (initial_lr) times the schedule; and Muon's momentum warm-up.
+    Returns the schedule's multiplier."""
+    multiplier = lr_at(cfg, step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+            if isinstance(opt, Muon) and cfg.muon_momentum_warmup:
+                frac = min(1.0, step / cfg.muon_momentum_warmup)
+                group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
+    return multiplier
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -425,13 +482,13 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
 
 
 @torch.no_grad()
-def val_loss(model, loader: ShardLoader, batches: int, autocast, d: Dist) -> float:
+def val_loss(model, loader: ShardLoader, batches: int, dtype: torch.dtype, d: Dist) -> float:
     model.eval()
     loader.reset()  # the same val tokens every time
     total = torch.zeros((), device=d.device)
     for _ in range(batches):
         x, y = loader.next_batch()
-        with autocast:
+        with autocast(d.device, dtype):
             total += model(x, y, return_logits=False)[1].float()
     model.train()
     if d.world_size > 1:
@@ -440,7 +497,8 @@ def val_loss(model, loader: ShardLoader, batches: int, autocast, d: Dist) -> flo
 
 
 @torch.no_grad()
-def samples(raw_model: GPT, prompt: str, seed: int, device, autocast, count=4, tokens=32) -> list[str]:
+def samples(raw_model: GPT, prompt: str, seed: int, device: torch.device, dtype: torch.dtype, count=4,
+            tokens=32) -> list[str]:
     """A few continuations of a fixed prompt with a fixed seed (through the uncompiled module: the KV
     cache's changing shapes would make a compiled graph recompile every token)."""
     import tiktoken
@@ -450,10 +508,121 @@ def samples(raw_model: GPT, prompt: str, seed: int, device, autocast, count=4, t
     tokens = min(tokens, raw_model.config.block_size - idx.shape[1])
     gen = torch.Generator(device=device).manual_seed(seed)
     raw_model.eval()
-    with autocast:
+    with autocast(device, dtype):
         out = raw_model.generate(idx, tokens, temperature=1.0, top_k=50, generator=gen)
     raw_model.train()
     return [enc.decode(row.tolist()) for row in out]
+
+
+# ---------------------------------------------------------------------- what is due when (the resume rules)
+
+
+@dataclass
+class Cadence:
+    """What is due at a step: evaluations, EMA snapshots, checkpoints, the end. The resume rules live here only.
+
+    They guarantee that a resumed run performs exactly the evaluations, samples, snapshots and saves that the
+    uninterrupted run would have, and that no step's evaluation runs twice:
+    - a step's checkpoint is saved after its evaluations and says so ("evaluated"); a stop request skips the
+      evaluations and saves at once, unevaluated. Resumed from it, the step is evaluated exactly when it was not.
+    - the snapshot and checkpoint of the resumed step were saved by the process that stopped there: never again.
+    - step 0 (the initial weights) is evaluated but never saved.
+    """
+
+    cfg: TrainConfig
+    stop_step: int  # this process stops after this step: --stop-at, or --max-steps
+    resumed_at: int = -1  # the step of the checkpoint this process started from; -1: none
+    evaluated_at: int = -1  # a step whose evaluations already ran before its checkpoint; -1: none
+
+    @classmethod
+    def resuming(cls, cfg: TrainConfig, stop_step: int, ckpt: dict | None) -> "Cadence":
+        if ckpt is None:
+            return cls(cfg, stop_step)
+        return cls(cfg, stop_step, resumed_at=ckpt["step"], evaluated_at=ckpt["step"] if ckpt["evaluated"] else -1)
+
+    def last(self, step: int) -> bool:
+        return step >= self.stop_step
+
+    def evaluation_due(self, every: int, step: int, stopping: bool) -> bool:
+        """val, HellaSwag and samples: every `every` steps (0: never) and at the last step."""
+        return every > 0 and (step % every == 0 or self.last(step)) and step != self.evaluated_at and not stopping
+
+    def snapshot_due(self, step: int) -> bool:
+        every = self.cfg.ema_snapshot_every
+        return bool(every) and step % every == 0 and self._unsaved(step)
+
+    def checkpoint_due(self, step: int, stopping: bool) -> bool:
+        every = self.cfg.checkpoint_every
+        return self._unsaved(step) and ((bool(every) and step % every == 0) or self.last(step) or stopping)
+
+    def _unsaved(self, step: int) -> bool:
+        return step > max(self.resumed_at, 0)
+
+
+# ---------------------------------------------------------------------- set-up
+
+
+def accumulation_and_stop(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """Micro-steps per optimizer step, and the step this process stops after."""
+    tokens_per_micro = cfg.batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        raise SystemExit(f"--total-batch-size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
+                         f"world_size = {cfg.batch_size} * {cfg.seq_len} * {world_size}: change one of them")
+    if cfg.stop_at > cfg.max_steps:
+        raise SystemExit(f"--stop-at {cfg.stop_at} is past --max-steps {cfg.max_steps}, where the schedule ends")
+    return cfg.total_batch_size // tokens_per_micro, cfg.stop_at or cfg.max_steps
+
+
+def open_data(cfg: TrainConfig, d: Dist, preset: str) -> tuple[ShardLoader, ShardLoader, int]:
+    """The train and val loaders, and how many val batches an evaluation reads. Fails on missing or broken
+    data before any other work."""
+    try:
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
+        val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
+    except (DataError, ValueError) as e:
+        hint = (f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]} --out {cfg.data_dir}`"
+                if preset in PRESET_DATA else "")
+        raise SystemExit(f"{e}{hint}") from None
+    # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
+    tokens_per_micro = cfg.batch_size * cfg.seq_len * d.world_size
+    val_windows = sum((size - 1) // tokens_per_micro for size in val_loader.sizes)
+    val_batches = max(1, min(cfg.val_tokens // tokens_per_micro, val_windows))
+    return train_loader, val_loader, val_batches
+
+
+def load_hellaswag(cfg: TrainConfig) -> list[dict]:
+    if not cfg.hellaswag_every:
+        return []
+    try:
+        return hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"HellaSwag data: {e} (or turn the eval off with --hellaswag-every 0)") from None
+
+
+def open_run(cfg: TrainConfig, preset: str, d: Dist, data_id: str):
+    """The run's folder, lock (rank 0) and log, and the checkpoint to resume from (its settings and data checked
+    against cfg), if any."""
+    run_dir = os.path.join(cfg.log_dir, cfg.run_name)
+    lock = open_run_dir(cfg, run_dir, d.master)
+    log = RunLog(run_dir, d.master)
+    resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
+    if ckpt is not None:
+        check_resume_config(cfg, ckpt["config"], resume_path)
+        check_resume_data(ckpt, data_id, resume_path, cfg.data_dir)
+    if d.master:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+    return run_dir, lock, log, resume_path, ckpt
+
+
+def build_emas(cfg: TrainConfig, model: GPT) -> list[PowerEMA]:
+    """The EMA that is evaluated, and with snapshots a second of half its width: post-hoc fits of other widths
+    are ~20x closer from two widths than from one (ema.py)."""
+    widths = [cfg.ema_sigma_rel] if cfg.ema_sigma_rel else []
+    if cfg.ema_snapshot_every:
+        widths.append(cfg.ema_sigma_rel / 2)
+    params = list(model.parameters())
+    return [PowerEMA(params, width) for width in widths]
 
 
 # ---------------------------------------------------------------------- the loop
@@ -487,199 +656,210 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, preset: str) -> dict:
-    d = setup_distributed(cfg.device)
-    tokens_per_micro = cfg.batch_size * cfg.seq_len * d.world_size
-    if cfg.total_batch_size % tokens_per_micro:
-        raise SystemExit(f"--total-batch-size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
-                         f"world_size = {cfg.batch_size} * {cfg.seq_len} * {d.world_size}: change one of them")
-    grad_accum = cfg.total_batch_size // tokens_per_micro
-    if cfg.stop_at > cfg.max_steps:
-        raise SystemExit(f"--stop-at {cfg.stop_at} is past --max-steps {cfg.max_steps}, where the schedule ends")
-    stop_step = cfg.stop_at or cfg.max_steps
-    try:  # fail on missing or broken data before any other work
-        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
-        val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
-    except (DataError, ValueError) as e:
-        hint = (f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]} --out {cfg.data_dir}`"
-                if preset in PRESET_DATA else "")
-        raise SystemExit(f"{e}{hint}") from None
-    data_id = data_identity(cfg.data_dir)
-    if cfg.hellaswag_every:
-        import hellaswag
+@dataclass
+class StepStats:
+    loss: float  # mean over the step's micro-batches and ranks
+    grad_norm: float  # before clipping
+    lr_multiplier: float
+    seconds: float
+    stop: bool  # a stop request, agreed on by all ranks
 
-        try:
-            hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise SystemExit(f"HellaSwag data: {e} (or turn the eval off with --hellaswag-every 0)") from None
-    # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
-    val_windows = sum((size - 1) // tokens_per_micro for size in val_loader.sizes)
-    val_batches = max(1, min(cfg.val_tokens // tokens_per_micro, val_windows))
 
-    run_dir = os.path.join(cfg.log_dir, cfg.run_name)
-    lock = open_run_dir(cfg, run_dir, d.master)
-    log = RunLog(run_dir, d.master)
-    resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
-    if ckpt is not None:
-        check_resume_config(cfg, ckpt["config"], resume_path)
-        check_resume_data(ckpt, data_id, resume_path, cfg.data_dir)
-    if d.master:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+class Trainer:
+    """One process of a run: its data, model, optimizers, EMAs and log, and the step it is at (0, or the resumed
+    checkpoint's). train() below drives it one phase at a time."""
 
-    device_type = d.device.type
-    dtype = autocast_dtype(cfg.dtype, d.device)
-    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
-    use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    def __init__(self, cfg: TrainConfig, preset: str):
+        self.cfg = cfg
+        d = self.d = setup_distributed(cfg.device)
+        self.grad_accum, stop_step = accumulation_and_stop(cfg, d.world_size)
+        self.train_loader, self.val_loader, self.val_batches = open_data(cfg, d, preset)
+        self.hellaswag_examples = load_hellaswag(cfg)
+        self.data_id = data_identity(cfg.data_dir)
+        self.run_dir, self.lock, self.log, resume_path, ckpt = open_run(cfg, preset, d, self.data_id)
+        device_type = d.device.type
+        self.dtype = autocast_dtype(cfg.dtype, d.device)
+        use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
+        if device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
-    torch.manual_seed(cfg.seed)
-    chunked = cfg.chunked_loss == "1" or (cfg.chunked_loss == "auto" and device_type != "cuda")
-    raw_model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if chunked else 0).to(d.device)
-    optimizers = build_optimizers(cfg, raw_model, device_type)
-    params = list(raw_model.parameters())
-    widths = [cfg.ema_sigma_rel] if cfg.ema_sigma_rel else []  # the EMA that is evaluated
-    if cfg.ema_snapshot_every:  # post-hoc fits of other widths are ~20x closer from two widths than one (ema.py)
-        widths.append(cfg.ema_sigma_rel / 2)
-    emas = [PowerEMA(params, width) for width in widths]
-    step, elapsed_before = 0, 0.0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        torch.manual_seed(cfg.seed)
+        chunked = cfg.chunked_loss == "1" or (cfg.chunked_loss == "auto" and device_type != "cuda")
+        raw_model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if chunked else 0).to(d.device)
+        self.raw_model = raw_model
+        self.optimizers = build_optimizers(cfg, raw_model, device_type)
+        self.emas = build_emas(cfg, raw_model)
+        self.step, self.elapsed_before = 0, 0.0
+        if ckpt is not None:
+            self.restore(ckpt, resume_path, stop_step)
+        self.cadence = Cadence.resuming(cfg, stop_step, ckpt)
+        # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
+        self.model = torch.compile(raw_model) if use_compile else raw_model
+        ddp_ids = [d.local_rank] if device_type == "cuda" else None
+        self.train_model = DDP(self.model, device_ids=ddp_ids) if d.world_size > 1 else self.model
+
+        self.flops_per_token, self.peak = raw_model.flops_per_token(cfg.seq_len), mfu_peak(d.device, self.dtype)
+        self.log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        self.log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {self.dtype} | "
+                       f"compile {use_compile} | grad accumulation {self.grad_accum} | {self.val_batches} val batches")
+        self.result = {}  # the latest val loss (and EMA val loss), HellaSwag acc_norm and train loss
+        self.stop = StopRequest()
+        self.t_start = time.time()
+
+    def restore(self, ckpt: dict, path: str, stop_step: int):
+        """Weights, optimizer states, EMAs, the loader's position, the RNGs and the clock of a checkpoint."""
+        self.raw_model.load_state_dict(ckpt["model"])
+        for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
-        train_loader.load_state_dict(ckpt["loader"])
-        for ema, state in zip(emas, ckpt.get("emas", []), strict=True):
+        self.train_loader.load_state_dict(ckpt["loader"])
+        for ema, state in zip(self.emas, ckpt.get("emas", []), strict=True):
             ema.load_state_dict(state)
-        remove_snapshots_after(run_dir, ckpt["step"])
+        remove_snapshots_after(self.run_dir, ckpt["step"])
         set_rng_state(ckpt["rng"])
-        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        log.print(f"resumed from {resume_path} at step {step}")
-    resumed_at = step if resume_path else -1
-    if resumed_at >= stop_step:
-        log.print(f"the run in {run_dir} is already at step {step} (--stop-at/--max-steps {stop_step}): nothing to "
-                  "train; continue with a later --stop-at, or start another run with --run-name NAME")
-    # the evaluations of the resumed step ran before its checkpoint, unless a stop request skipped them
-    evaluated_at = step if ckpt is not None and ckpt["evaluated"] else -1
-    del ckpt
-    # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None) if d.world_size > 1 else model
+        self.step, self.elapsed_before = ckpt["step"], ckpt["elapsed"]
+        self.log.print(f"resumed from {path} at step {self.step}")
+        if self.step >= stop_step:
+            self.log.print(f"the run in {self.run_dir} is already at step {self.step} (--stop-at/--max-steps "
+                           f"{stop_step}): nothing to train; continue with a later --stop-at, or start another run "
+                           "with --run-name NAME")
 
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = mfu_peak(d.device, dtype)
-    log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {dtype} | compile {use_compile} "
-              f"| grad accumulation {grad_accum} | {val_batches} val batches")
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
 
-    stop = StopRequest()
-    t_start = time.time()
-    elapsed = lambda: elapsed_before + time.time() - t_start
-    tokens = lambda: step * cfg.total_batch_size
-    result = {}
-    stopping = False  # a stop request all ranks have agreed on (through the per-step all-reduce)
-    while True:
-        stopping = stopping or (d.world_size == 1 and stop.requested)
-        last = step >= stop_step
-        due = lambda every: every > 0 and (step % every == 0 or last) and step != evaluated_at and not stopping
-        if due(cfg.val_every):
-            result["val_loss"] = val_loss(model, val_loader, val_batches, autocast, d)
-            log.event("val", step, tokens(), elapsed(), loss=result["val_loss"])
-            log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
-            if emas and step > 0:
-                with emas[0].swapped_in():
-                    result["val_loss_ema"] = val_loss(model, val_loader, val_batches, autocast, d)
-                log.event("val_ema", step, tokens(), elapsed(), loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
-                log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} (sigma_rel {cfg.ema_sigma_rel})")
-        if due(cfg.hellaswag_every):
-            hs = hellaswag.evaluate(model, hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
-                                    autocast_dtype=dtype if dtype != torch.float32 else None)
+    def event(self, kind: str, **values):
+        self.log.event(kind, self.step, self.step * self.cfg.total_batch_size, self.elapsed(), **values)
+
+    def evaluate_if_due(self, stopping: bool):
+        """val loss (and the EMA's), HellaSwag and samples, each on its own cadence."""
+        cfg, d, step, due, result = self.cfg, self.d, self.step, self.cadence, self.result
+        if due.evaluation_due(cfg.val_every, step, stopping):
+            result["val_loss"] = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
+            self.event("val", loss=result["val_loss"])
+            self.log.print(f"step {step:6d} | val loss {result['val_loss']:.4f}")
+            if self.emas and step > 0:
+                with self.emas[0].swapped_in():
+                    result["val_loss_ema"] = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
+                self.event("val_ema", loss=result["val_loss_ema"], sigma_rel=cfg.ema_sigma_rel)
+                self.log.print(f"step {step:6d} | EMA val loss {result['val_loss_ema']:.4f} "
+                               f"(sigma_rel {cfg.ema_sigma_rel})")
+        if due.evaluation_due(cfg.hellaswag_every, step, stopping):
+            hs = hellaswag.evaluate(self.model, self.hellaswag_examples, d.device, rank=d.rank, world_size=d.world_size,
+                                    dtype=self.dtype)
             result["hellaswag"] = hs["acc_norm"]
-            log.event("hellaswag", step, tokens(), elapsed(), acc=hs["acc"], acc_norm=hs["acc_norm"], count=hs["count"])
-            log.print(f"step {step:6d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['count']} examples)")
-        if due(cfg.sample_every) and d.master:
-            texts = samples(raw_model, cfg.sample_prompt, cfg.seed, d.device, autocast)
-            log.event("sample", step, tokens(), elapsed(), samples=texts)
-            log.print("\n".join(f"sample: {t!r}" for t in texts))
-        snapshot_due = cfg.ema_snapshot_every and step % cfg.ema_snapshot_every == 0 and step > max(resumed_at, 0)
-        if emas and snapshot_due and d.master:
-            names = [name for name, _ in raw_model.named_parameters()]
-            log.print(f"saved {save_snapshot(run_dir, emas, names, dataclasses.asdict(cfg.model))}")
-        if step > max(resumed_at, 0) and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or stopping):
+            self.event("hellaswag", acc=hs["acc"], acc_norm=hs["acc_norm"], count=hs["count"])
+            self.log.print(f"step {step:6d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['count']} examples)")
+        if due.evaluation_due(cfg.sample_every, step, stopping) and d.master:
+            texts = samples(self.raw_model, cfg.sample_prompt, cfg.seed, d.device, self.dtype)
+            self.event("sample", samples=texts)
+            self.log.print("\n".join(f"sample: {t!r}" for t in texts))
+
+    def save_if_due(self, stopping: bool):
+        """The EMA snapshot and the checkpoint of this step, each when due."""
+        cfg, d = self.cfg, self.d
+        if self.emas and self.cadence.snapshot_due(self.step) and d.master:
+            names = [name for name, _ in self.raw_model.named_parameters()]
+            self.log.print(f"saved {save_snapshot(self.run_dir, self.emas, names, dataclasses.asdict(cfg.model))}")
+        if self.cadence.checkpoint_due(self.step, stopping):
             if d.master:
-                state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
-                         "loader": train_loader.state_dict(), "rng": rng_state(), "elapsed": elapsed(),
-                         "evaluated": not stopping, "emas": [e.state_dict() for e in emas],
-                         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model),
-                         "data_identity": data_id}
-                log.print(f"saved {save_checkpoint(run_dir, state, cfg.keep_checkpoints)}")
+                state = {"model": self.raw_model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                         "step": self.step, "loader": self.train_loader.state_dict(), "rng": rng_state(),
+                         "elapsed": self.elapsed(), "evaluated": not stopping,  # see Cadence
+                         "emas": [e.state_dict() for e in self.emas], "config": dataclasses.asdict(cfg),
+                         "model_config": dataclasses.asdict(cfg.model), "data_identity": self.data_id}
+                self.log.print(f"saved {save_checkpoint(self.run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
                 dist.barrier()
-        if last or stopping:
-            break
 
-        # ---- one optimizer step: grad_accum micro-steps, gradients all-reduced on the last one only
+    def optimizer_step(self) -> StepStats:
+        """grad_accum micro-steps with the gradients all-reduced on the last one only, then every optimizer's step."""
+        cfg, d, accum = self.cfg, self.d, self.grad_accum
         t0 = time.time()
         loss_sum = torch.zeros((), device=d.device)
-        for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
-            sync = contextlib.nullcontext() if micro == grad_accum - 1 or d.world_size == 1 else train_model.no_sync()
+        for micro in range(accum):
+            x, y = self.train_loader.next_batch()
+            sync = contextlib.nullcontext() if micro == accum - 1 or d.world_size == 1 else self.train_model.no_sync()
             with sync:
-                with autocast:
-                    _, loss = train_model(x, y, return_logits=False)
-                (loss / grad_accum).backward()
+                with autocast(d.device, self.dtype):
+                    _, loss = self.train_model(x, y, return_logits=False)
+                (loss / accum).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: no clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: no clip
         # One all-reduce carries the loss and the stop requests: all ranks stop after the same step. The signal
         # handler's flag is only ever read here, never reset, so a signal arriving meanwhile counts next step.
-        stats = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), device=d.device)])
+        stats = torch.stack([loss_sum / accum, torch.tensor(float(self.stop.requested), device=d.device)])
         if d.world_size > 1:
             dist.all_reduce(stats)
-        train_loss, stopping = stats[0].item() / d.world_size, bool(stats[1].item())
+        train_loss, stop = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise log.error(step, tokens(), elapsed(), f"step {step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; stopping "
-                             f"without saving, so the checkpoints in {run_dir} are untouched. Resuming would repeat "
-                             f"this exactly: start a new run (--run-name NAME) with a lower --max-lr, or check the data.")
-        lr = lr_at(cfg, step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr / cfg.max_lr
-                if "momentum" in group and cfg.muon_momentum_warmup:  # Muon's
-                    frac = min(1.0, step / cfg.muon_momentum_warmup)
-                    group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
+            raise self.log.error(self.step, self.step * cfg.total_batch_size, self.elapsed(), f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
+                             f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. Resuming "
+                             f"would repeat this exactly: start a new run (--run-name NAME) with a lower --max-lr, or "
+                             f"check the data.")
+        multiplier = set_schedule(cfg, self.optimizers, self.step)
+        for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        raw_model.after_step()  # edm2 / hypersphere: constrained weights back on their spheres
-        for ema in emas:
-            ema.update(step + 1)  # step + 1 optimizer steps done
-        if device_type == "cuda":
+        self.raw_model.after_step()  # edm2 / hypersphere: constrained weights back on their spheres
+        for ema in self.emas:
+            ema.update(self.step + 1)  # step + 1 optimizer steps done
+        if d.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.time() - t0
-        step += 1
-        tok_per_s = cfg.total_batch_size / dt
-        mfu = flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
-        mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if device_type == "cuda" else None
-        result["train_loss"] = train_loss
-        log.event("train", step, tokens(), elapsed(), loss=train_loss, lr=lr, grad_norm=grad_norm.item(),
-                  dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu, mem_gb=mem)
-        log.print(f"step {step:6d} | loss {train_loss:.6f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                  f"{dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                  + (f" | {mem:.1f} GiB" if mem else ""))
+        return StepStats(train_loss, grad_norm.item(), multiplier, time.time() - t0, stop)
 
-    if stopping:
-        log.print(f"stopped at step {step} (checkpoint in {run_dir}): run the same command to resume")
-    elif step > resumed_at:
-        val = f"val loss {result['val_loss']:.4f}, " if "val_loss" in result else ""
-        log.print(f"finished: step {step}, {val}{tokens():,} tokens, {elapsed() / 60:.1f} min of training; "
-                  f"checkpoint {checkpoint_paths(run_dir)[-1] if checkpoint_paths(run_dir) else 'none'}")
-    stop.restore()
-    if lock:
-        lock.release()
-    if d.world_size > 1:
-        del train_model  # DDP's reducer before the process group it uses (the other order can abort at exit)
-        dist.destroy_process_group()
-    return {"step": step, **result}
+    def log_step(self, s: StepStats):
+        cfg, d = self.cfg, self.d
+        lr = cfg.max_lr * s.lr_multiplier  # AdamW's lr, as logged since the first runs
+        tok_per_s = cfg.total_batch_size / s.seconds
+        mfu = self.flops_per_token * tok_per_s / (self.peak * d.world_size) if self.peak else None
+        mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
+        self.result["train_loss"] = s.loss
+        self.event("train", loss=s.loss, lr=lr, grad_norm=s.grad_norm, dt_ms=s.seconds * 1000, tok_per_s=tok_per_s,
+                   mfu=mfu, mem_gb=mem)
+        self.log.print(f"step {self.step:6d} | loss {s.loss:.6f} | lr {lr:.2e} | norm {s.grad_norm:.3f} | "
+                       f"{s.seconds * 1000:.0f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                       + (f" | {mem:.1f} GiB" if mem else ""))
+
+    def summary(self, stopping: bool, resumed_at: int) -> str | None:
+        """The run's last line: where a stopped run resumes, or what a finished one reached."""
+        if stopping:
+            return f"stopped at step {self.step} (checkpoint in {self.run_dir}): run the same command to resume"
+        if self.step == resumed_at:
+            return None
+        val = f"val loss {self.result['val_loss']:.4f}, " if "val_loss" in self.result else ""
+        ckpts = checkpoint_paths(self.run_dir)
+        return (f"finished: step {self.step}, {val}{self.step * self.cfg.total_batch_size:,} tokens, "
+                f"{self.elapsed() / 60:.1f} min of training; checkpoint {ckpts[-1] if ckpts else 'none'}")
+
+    def teardown(self):
+        if self.lock:
+            self.lock.release()
+        if self.d.world_size > 1:
+            del self.train_model  # DDP's reducer before the process group it uses (the other order can abort at exit)
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, preset: str) -> dict:
+    trainer = Trainer(cfg, preset)
+    resumed_at = trainer.step
+    stopping = False  # a stop request all ranks have agreed on (through the per-step all-reduce)
+    try:
+        while True:
+            stopping = stopping or (trainer.d.world_size == 1 and trainer.stop.requested)
+            trainer.evaluate_if_due(stopping)
+            trainer.save_if_due(stopping)
+            if trainer.cadence.last(trainer.step) or stopping:
+                break
+            stats = trainer.optimizer_step()
+            trainer.step += 1
+            trainer.log_step(stats)
+            stopping = stats.stop
+    finally:
+        trainer.stop.restore()  # also after an error: the caller's handlers come back
+    if summary := trainer.summary(stopping, resumed_at):
+        trainer.log.print(summary)
+    trainer.teardown()
+    return {"step": trainer.step, **trainer.result}
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,10 @@
-"""Shared test set-up: the repo root on sys.path, offline data from ../shared, a tiktoken cache."""
+"""Shared test set-up: the repo root on sys.path, offline data from ../shared, a tiktoken cache; tiny training
+runs (in this process or under torchrun) and their metrics; process groups of spawned ranks."""
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +44,74 @@ def shards(tmp_path_factory, shakespeare_path) -> str:
     subprocess.run([sys.executable, str(ROOT / "fineweb_edu.py"), "--source", str(shakespeare_path), "--out", str(out),
                     "--shard-size", "16384", "--workers", "2", "--txt-docs", "paragraphs"], check=True, capture_output=True)
     return str(out)
+
+
+# ---------------------------------------------------------------------- tiny training runs
+
+# a very small model on few tokens: for tests of the loop, not of the model
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
+         "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0", "--warmup-steps", "2",
+         "--max-lr", "3e-3", "--vocab-multiple", "128"]
+
+
+def run(shards, log_dir, *args, name="run") -> dict:
+    """train_gpt2.main in this process: the tiny preset with SMALL on shards, then args, into log_dir/name."""
+    import train_gpt2
+
+    return train_gpt2.main(["--preset", "tiny", "--data-dir", shards, "--log-dir", str(log_dir), "--run-name", name,
+                            *SMALL, *args])
+
+
+def metrics(log_dir, name="run", kind="train") -> list[dict]:
+    """The records of one kind in log_dir/name/metrics.jsonl, in order."""
+    with open(Path(log_dir) / name / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def torchrun(nproc, shards, log_dir, *args, name="run"):
+    """The same run as run(), as nproc torchrun processes (one thread each)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "train_gpt2.py"), "--preset", "tiny", "--data-dir", shards, "--log-dir", str(log_dir),
+           "--run-name", name, "--device", "cpu", *SMALL, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode and "address already in use" in proc.stderr.lower():  # a port race with another process
+        shutil.rmtree(Path(log_dir) / name, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------- process groups
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, fn, args: tuple):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)  # its DDP wrappers are gone when it returns: before the group (else a rare abort)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn, world_size: int, *args):
+    """fn(rank, world_size, *args) in world_size processes joined in a gloo group on a free port (tried on a
+    second port if another process took the first meanwhile). fn must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(2):
+        try:
+            mp.spawn(_gloo_rank, args=(world_size, free_port(), fn, args), nprocs=world_size)
+            return
+        except mp.ProcessRaisedException as e:
+            if attempt or "address already in use" not in str(e).lower():
+                raise

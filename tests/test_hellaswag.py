@@ -4,15 +4,14 @@ and transformers' GPT2LMHeadModel holding the same weights."""
 import dataclasses
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
 import tiktoken
 import torch
-import torch.multiprocessing as mp
 
 import hellaswag
+from conftest import spawn_ranks
 from model import GPT, GPTConfig
 
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
@@ -106,6 +105,16 @@ def test_batched_equals_one_ending_at_a_time(model, fixture_examples, val_exampl
         assert torch.equal(means.argmin(1), ref_means[:n].argmin(1))
 
 
+def test_one_example_per_forward_equals_one_ending_at_a_time(model, fixture_examples, val_examples):
+    # hellaswag's plain scorer (bench_hellaswag.py's baseline), left truncation included
+    small = make_model(dataclasses.replace(TINY, block_size=32))
+    for m, examples, block_size in ((model, fixture_examples + val_examples[:12], None), (small, fixture_examples, 32)):
+        ref_sums, ref_means = reference_scores(ours(m), examples, block_size=block_size)
+        sums, means = hellaswag.score_one_by_one(m, examples, "cpu")
+        torch.testing.assert_close(sums, ref_sums, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(means, ref_means, atol=1e-5, rtol=0)
+
+
 def test_scores_match_transformers(model, fixture_examples, val_examples, tmp_path):
     transformers = pytest.importorskip("transformers")
     model.export_hf(tmp_path / "hf")
@@ -136,7 +145,7 @@ def test_long_rows_lose_context_from_the_left(fixture_examples):
 
 def test_bfloat16_autocast_is_close_to_float32(model, val_examples):
     sums, means = hellaswag.score_endings(model, val_examples[:10], "cpu")
-    sums16, means16 = hellaswag.score_endings(model, val_examples[:10], "cpu", autocast_dtype=torch.bfloat16)
+    sums16, means16 = hellaswag.score_endings(model, val_examples[:10], "cpu", dtype=torch.bfloat16)
     assert sums16.dtype == torch.float32
     torch.testing.assert_close(means16, means, atol=0.05, rtol=0)
     assert not torch.equal(means16, means)  # bf16 did run
@@ -162,19 +171,8 @@ def test_compiled_model_scores_the_same_without_compiling(model, val_examples):
 # ---------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, data: str, out_dir: str):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        result = hellaswag.evaluate(make_model(), hellaswag.load_examples(data), "cpu", rank=rank, world_size=world_size)
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, world_size: int, data: str, out_dir: str):
+    result = hellaswag.evaluate(make_model(), hellaswag.load_examples(data), "cpu", rank=rank, world_size=world_size)
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
 
 
@@ -183,7 +181,7 @@ def test_two_gloo_ranks_count_like_one(model, fixture_examples, val_examples, tm
     data = tmp_path / "examples.jsonl"
     data.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
     single = hellaswag.evaluate(model, examples, "cpu")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
+    spawn_ranks(_ddp_worker, 2, str(data), str(tmp_path))
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     assert results[0] == results[1]  # identical on every rank, examples/s included
     assert results[0]["count"] == single["count"] == 25

@@ -1,14 +1,11 @@
-"""train_gpt2.py on CPU: it learns, DDP equals gradient accumulation, resume is exact, bad input fails clearly."""
+"""train_gpt2.py on CPU: it learns, DDP equals gradient accumulation, resume is exact, the schedule scales every
+optimizer, bad input fails clearly."""
 
-import json
 import math
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,37 +13,9 @@ import torch
 import hellaswag
 import model as model_module
 import train_gpt2
-from conftest import ROOT
+from conftest import ROOT, SMALL, metrics, run, torchrun
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
-
-# a very small model on few tokens: these tests are about the loop, not about the model
-SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
-         "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0", "--warmup-steps", "2",
-         "--max-lr", "3e-3", "--vocab-multiple", "128"]
-
-
-def run(shards, tmp_path, *args, name="run"):
-    return train_gpt2.main(["--preset", "tiny", "--data-dir", shards, "--log-dir", str(tmp_path), "--run-name", name,
-                            *SMALL, *args])
-
-
-def metrics(tmp_path, name="run", kind="train"):
-    with open(tmp_path / name / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if r["kind"] == kind]
-
-
-def torchrun(nproc, shards, log_dir, *args, name="run"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "train_gpt2.py"), "--preset", "tiny", "--data-dir", shards, "--log-dir", str(log_dir),
-           "--run-name", name, *SMALL, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode and "address already in use" in proc.stderr.lower():  # a port race with another process
-        shutil.rmtree(Path(log_dir) / name, ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_tiny_preset_learns_shakespeare(shards, tmp_path):
@@ -85,9 +54,27 @@ def test_resume_is_bit_identical(shards, tmp_path, optimizer):
         assert [r["step"] for r in a] == [r["step"] for r in b]
         key = "samples" if kind == "sample" else "loss"
         assert [r[key] for r in a] == [r[key] for r in b], kind  # exact equality: bit-identical on CPU
-    # a finished run asked to stop earlier than where it is: nothing more happens
-    assert run(shards, tmp_path, *common, "--stop-at", "4", name="resumed")["step"] == 8
-    assert len(metrics(tmp_path, "resumed")) == 8
+
+
+def test_finished_run_asked_to_stop_earlier_does_nothing(shards, tmp_path):
+    common = ["--max-steps", "8", "--val-every", "4", "--sample-every", "4", "--checkpoint-every", "0"]
+    run(shards, tmp_path, *common)
+    assert run(shards, tmp_path, *common, "--stop-at", "4")["step"] == 8
+    assert len(metrics(tmp_path)) == 8
+    assert [r["step"] for r in metrics(tmp_path, kind="val")] == [0, 4, 8]  # step 8 is not evaluated again
+
+
+def test_schedule_scales_every_optimizer_and_logs_adamw_lr(shards, tmp_path):
+    run(shards, tmp_path, "--optimizer", "muon", "--muon-momentum-warmup", "5", "--max-steps", "10", "--stop-at", "4",
+        "--val-every", "0", "--sample-every", "0")
+    # by hand: warm-up over 2 steps, then cosine from 1 to min_lr_ratio 0.1 over steps 2..10
+    multiplier = {0: 0.5, 1: 1.0, 2: 1.0, 3: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 8))}
+    assert [r["lr"] for r in metrics(tmp_path)] == pytest.approx([3e-3 * multiplier[s] for s in range(4)])
+    # the checkpoint after step 3's update holds the lr and momentum that update used
+    adamw, muon = torch.load(tmp_path / "run" / "ckpt_0000004.pt", weights_only=True)["optimizers"]
+    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([3e-3 * multiplier[3]] * 2)
+    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([0.02 * multiplier[3]])  # --muon-lr 0.02
+    assert muon["param_groups"][0]["momentum"] == pytest.approx(0.85 + 3 / 5 * (0.95 - 0.85))
 
 
 def test_sigterm_checkpoints_and_resume_is_identical(shards, tmp_path):
@@ -121,7 +108,7 @@ def test_compile_runs_a_step_val_and_sample(shards, tmp_path):
     assert len(samples) == 4 and all(s.startswith("Hello, I'm a language model,") for s in samples)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch):
     run(shards, tmp_path, "--max-steps", "10", "--stop-at", "3", "--val-every", "0", "--sample-every", "0")
     ckpt = tmp_path / "run" / "ckpt_0000003.pt"
     before = ckpt.read_bytes()
@@ -139,8 +126,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch,
     assert [p.name for p in (tmp_path / "run").glob("ckpt_*.pt")] == ["ckpt_0000003.pt"]
     assert ckpt.read_bytes() == before
     assert torch.load(ckpt, weights_only=True)["step"] == 3
-    # still loadable by the standalone tools (README: hellaswag.py --checkpoint)
-    hellaswag.main(["--checkpoint", str(ckpt), "--data", str(FIXTURE), "--device", "cpu"])
+
+
+def test_checkpoint_loads_in_the_standalone_hellaswag(shards, tmp_path, capsys):
+    run(shards, tmp_path, "--max-steps", "10", "--stop-at", "3", "--val-every", "0", "--sample-every", "0")
+    # README: hellaswag.py --checkpoint
+    hellaswag.main(["--checkpoint", str(tmp_path / "run" / "ckpt_0000003.pt"), "--data", str(FIXTURE), "--device", "cpu"])
     assert "count 10" in capsys.readouterr().out
 
 
@@ -157,13 +148,20 @@ def test_bad_flags_fail_before_work(shards, tmp_path, args, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_unknown_preset_and_changed_resume_config(shards, tmp_path, capsys):
+@pytest.mark.parametrize("args,message", [(["--preset", "gpt5"], "invalid choice: 'gpt5'"),
+                                          (["--dtype", "fp16"], "invalid choice: 'fp16'")])
+def test_unknown_preset_or_value_is_a_usage_error(args, message, capsys):
     with pytest.raises(SystemExit):
-        train_gpt2.main(["--preset", "gpt5"])
-    assert "invalid choice: 'gpt5'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train_gpt2.main(["--dtype", "fp16"])
-    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+        train_gpt2.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_config_rejects_a_value_outside_its_choices():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        train_gpt2.TrainConfig(dtype="fp16")  # e.g. a preset's value, or code building a config directly
+
+
+def test_resume_refuses_changed_settings(shards, tmp_path):
     run(shards, tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     with pytest.raises(SystemExit, match="--n-embd: checkpoint 32, now 64"):
         run(shards, tmp_path, "--max-steps", "2", "--n-embd", "64")
