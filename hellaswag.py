@@ -94,7 +94,8 @@ def _parse_example(line: str, where: str) -> dict:
     try:
         example = json.loads(line)
     except ValueError:
-        raise ValueError(f"{where}: not a JSON object (a partial or corrupt file? delete it to download it again)") from None
+        raise ValueError(f"{where}: not a JSON object (a partial or corrupt file? delete it to download it "
+                         "again)") from None
     ok = isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(example.get("endings"), list)
     if not ok or not isinstance(example.get("label", 0), int):
         raise ValueError(f"{where}: a HellaSwag example needs a string 'ctx', a list 'endings' and an int 'label'")

@@ -38,8 +38,8 @@ from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file, mfu_peak,
-                     print0, remove_stale_temps, setup_distributed)
+from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file,
+                     mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):
@@ -427,7 +427,8 @@ def open_run_dir(cfg: TrainConfig, run_dir: str, master: bool) -> RunLock | None
     remove_stale_temps(run_dir)
     starting_over = cfg.resume == "never" or (cfg.resume == "auto" and not checkpoint_paths(run_dir))
     if starting_over and holds_run(run_dir):
-        print0(f"{run_dir} holds an earlier run, which this one does not continue: moved it to {move_run_aside(run_dir)}")
+        aside = move_run_aside(run_dir)
+        print0(f"{run_dir} holds an earlier run, which this one does not continue: moved it to {aside}")
     return lock
 
 
@@ -474,8 +475,8 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
-                         + "\nPass the original values, or start a new run with --run-name NAME, or start over under this name "
-                         "with --resume never (moves the old run's files aside to <run>.old-<time>/).")
+                         + "\nPass the original values, or start a new run with --run-name NAME, or start over under "
+                         "this name with --resume never (moves the old run's files aside to <run>.old-<time>/).")
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -792,10 +793,11 @@ class Trainer:
             dist.all_reduce(stats)
         train_loss, stop = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise self.log.error(self.step, self.step * cfg.total_batch_size, self.elapsed(), f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
-                             f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. Resuming "
-                             f"would repeat this exactly: start a new run (--run-name NAME) with a lower --max-lr, or "
-                             f"check the data.")
+            raise self.log.error(self.step, self.step * cfg.total_batch_size, self.elapsed(),
+                                 f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
+                                 f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. "
+                                 f"Resuming would repeat this exactly: start a new run (--run-name NAME) with a lower "
+                                 f"--max-lr, or check the data.")
         multiplier = set_schedule(cfg, self.optimizers, self.step)
         for opt in self.optimizers:
             opt.step()
