@@ -4,10 +4,9 @@ for hellaswag.py, sample.py and ema.py."""
 
 import os
 
-import torch
-
 from constrained import build_model
 from model import GPT, GPTConfig
+from runtime import load_torch_file
 
 
 def model_from_config(model_config: dict) -> GPT:
@@ -20,10 +19,7 @@ def load_model(path: str) -> GPT:
     of file ValueError; both name the path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (train_gpt2.py writes logs/<run>/ckpt_<step>.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds (pickle, zip, weights-only) for what is not a checkpoint
-        raise ValueError(f"{path} is not a training checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = load_torch_file(path)  # names a file that is not a checkpoint
     try:
         state, config = ckpt["model"], ckpt["model_config"]
     except (KeyError, TypeError) as e:

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from runtime import atomic_write
+from runtime import atomic_write, load_torch_file
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2 (root of gamma^2 + 3 gamma + 1,
 # where d/dgamma log sigma_rel = 0), then falls towards 0; the EMAs worth having live on the falling branch
@@ -210,7 +210,10 @@ def main(argv=None) -> str:
     if not paths:
         parser.error(f"no snapshots in {args.run_dir}/ema: train with --ema-sigma-rel S --ema-snapshot-every N")
     # memory-mapped: only the tensors being summed are read, so many snapshots of a large model fit in memory
-    files = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+    try:
+        files = [load_torch_file(p, "EMA snapshot", mmap=True) for p in paths]
+    except ValueError as e:
+        parser.error(f"{e}: delete it, or pass --step of an earlier snapshot")
     step = args.step or files[-1]["step"]
     # one (step, sigma_rel, tensors) per stored EMA
     snaps = [(f["step"], s, e) for f in files if f["step"] <= step for s, e in zip(f["sigma_rel"], f["ema"])]

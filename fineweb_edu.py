@@ -63,7 +63,7 @@ import tiktoken
 from tqdm import tqdm
 
 from dataloader import MANIFEST, SPLITS, DataError, check_shard, load_manifest, sha256_file
-from runtime import atomic_write
+from runtime import DiskFullError, atomic_write
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 DEFAULT_SOURCE = "fineweb-edu:sample-10BT"
@@ -97,7 +97,10 @@ class Source:
             elif path.suffix == ".jsonl":
                 yield from _jsonl_documents(path)
             else:
-                text = path.read_bytes().decode("utf-8")  # bytes, not read_text: keep \r\n exactly as in the file
+                try:  # bytes, not read_text: keep \r\n exactly as in the file
+                    text = path.read_bytes().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise SystemExit(_not_utf8(path, e)) from None
                 yield from (p for p in text.split("\n\n") if p.strip()) if self.txt_docs == "paragraphs" else [text]
 
 
@@ -291,18 +294,30 @@ class HubFiles:
             (self.folder / entry["path"]).unlink(missing_ok=True)
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    return (f"error: {path} is not UTF-8 text ({e.reason}): convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`")
+
+
 def _jsonl_documents(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                text = None
-            if not isinstance(text, str):
-                raise SystemExit(f'error: {path}:{lineno}: each line must be a JSON object with a string "text" field')
-            yield text
+        try:
+            yield from _jsonl_lines(path, f)
+        except UnicodeDecodeError as e:
+            raise SystemExit(_not_utf8(path, e)) from None
+
+
+def _jsonl_lines(path: Path, f) -> Iterator[str]:
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            text = None
+        if not isinstance(text, str):
+            raise SystemExit(f'error: {path}:{lineno}: each line must be a JSON object with a string "text" field')
+        yield text
 
 
 def encode_batch(docs: list[str]) -> np.ndarray:
@@ -522,7 +537,11 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
     if old:
         writer.save(complete=False)  # forget recorded shards beyond the kept ones before overwriting any of them
     t0 = time.perf_counter()
-    new_tokens = _fill_shards(writer, src, workers, hub)
+    try:
+        new_tokens = _fill_shards(writer, src, workers, hub)
+    except DiskFullError as e:  # atomic_write removed the partial shard; the manifest lists the finished ones
+        raise SystemExit(f"error: {e}; the {len(writer.shards)} finished shards in {out} are kept and the same "
+                         "command resumes after them") from None
     seconds = time.perf_counter() - t0
     if not writer.shards:
         raise SystemExit(f"error: --source {source} holds no documents")

@@ -82,12 +82,25 @@ def load_examples(source: str = "val", cache_dir: str | None = None, limit: int 
         raise FileNotFoundError(f"{source!r} is neither a HellaSwag split ({', '.join(SPLITS)}) nor a file")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
             if line.strip():
-                examples.append(json.loads(line))
+                examples.append(_parse_example(line, f"{path}:{lineno}"))
     return examples
+
+
+def _parse_example(line: str, where: str) -> dict:
+    """One jsonl line as an example, or a ValueError naming the file and line (a cut download, another dataset)."""
+    try:
+        example = json.loads(line)
+    except ValueError:
+        raise ValueError(f"{where}: not a JSON object (a partial or corrupt file? delete it to download it "
+                         "again)") from None
+    ok = isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(example.get("endings"), list)
+    if not ok or not isinstance(example.get("label", 0), int):
+        raise ValueError(f"{where}: a HellaSwag example needs a string 'ctx', a list 'endings' and an int 'label'")
+    return example
 
 
 # ---------------------------------------------------------------------- tokenization
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv)
     try:  # first, so that missing data is reported before any model is loaded
         examples = load_examples(args.data, args.cache_dir, args.limit)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
 
     d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks

@@ -4,6 +4,7 @@ library."""
 
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -227,3 +228,23 @@ def remove_stale_temps(folder: str | os.PathLike):
         for name in os.listdir(folder):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(folder, name))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", **kwargs):
+    """torch.load(weights_only=True) that says which file is not a torch file, instead of torch's advice to try
+    weights_only=False (wrong here: every file this repo writes loads with weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as e:  # truncated zip, random bytes, a text file, a pickle of foreign classes, ...
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines and "weights_only" not in str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable {what} (truncated, corrupted or another kind of file): "
+                         f"{reason}") from None

@@ -11,13 +11,20 @@ command continues from the latest checkpoint (spot instances: SIGTERM saves one 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import glob
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import random
+import re
 import signal
+import socket
 import time
+import tokenize
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,12 +33,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from dataloader import DataError, ShardLoader, bits_per_byte, target_bytes
+from dataloader import DataError, ShardLoader, bits_per_byte, read_manifest, target_bytes
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import Dist, atomic_write, autocast, autocast_dtype, mfu_peak, setup_distributed
+from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file,
+                     mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):
@@ -125,7 +133,7 @@ PRESETS = {
     "tiny-modern": {**TINY, **MODERN},
 }
 
-PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000 --out data/fineweb_edu_tiny"
+PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
                for name in ("tiny", "tiny-modern")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
@@ -141,6 +149,18 @@ RESUME_MUST_MATCH = (
 )
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in cls's source, read with tokenize (a '#' in a string is no comment):
+    --help shows it, so the dataclass stays the one place a flag is described."""
+    source = inspect.getsource(cls)
+    lines, comments = source.splitlines(), {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        field_line = tok.type == tokenize.COMMENT and re.match(r"\s+(\w+)\s*:", lines[tok.start[0] - 1])
+        if field_line:
+            comments[field_line.group(1)] = tok.string.lstrip("# ")
+    return comments
+
+
 def field_choices(f: dataclasses.Field) -> tuple | None:
     """The allowed values of a string field: TrainConfig's fields carry theirs, model.py's are in ARCH_CHOICES."""
     return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
@@ -149,13 +169,19 @@ def field_choices(f: dataclasses.Field) -> tuple | None:
 def parse_config(argv=None) -> tuple[TrainConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    first = argparse.ArgumentParser(add_help=False)  # --preset before --help: `--preset tiny --help` shows tiny's
+    first.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    preset = first.parse_known_args(argv)[0].preset
+    comments = {**field_comments(GPTConfig), **field_comments(TrainConfig)}
     defaults = TrainConfig()
     for f in TRAIN_FIELDS + MODEL_FIELDS:
         default = getattr(defaults, f.name) if f in TRAIN_FIELDS else getattr(defaults.model, f.name)
+        default = PRESETS[preset].get(f.name, default)
         is_bool = f.type is bool
+        about = comments.get(f.name, "").replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
                             choices=[0, 1] if is_bool else field_choices(f),
-                            help=f"gpt2-124m: {int(default) if is_bool else default!r}")
+                            help=f"{about} [{preset}: {int(default) if is_bool else default!r}]".lstrip())
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
     bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}
@@ -203,6 +229,14 @@ class RunLog:
             print(msg, flush=True)
             self.text.write(msg + "\n")
             self.text.flush()
+
+    def error(self, step: int, tokens: int, elapsed: float, msg: str) -> SystemExit:
+        """The message that stops the run, kept in log.txt and metrics.jsonl (kind "error") too."""
+        self.event("error", step, tokens, elapsed, message=msg)
+        if self.master:
+            self.text.write(f"error: {msg}\n")
+            self.text.flush()
+        return SystemExit(msg)
 
     def event(self, kind: str, step: int, tokens: int, elapsed: float, **values):
         if self.master:
@@ -303,16 +337,135 @@ def checkpoint_paths(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, state: dict, keep: int):
-    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact."""
+    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256
+    goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one predates checksums."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+            f.flush()
+            digest = file_sha256(f.name)
+            with atomic_write(path + ".sha256", "w") as s:
+                s.write(f"{digest}  {os.path.basename(path)}\n")
+    except DiskFullError as e:
+        raise SystemExit(f"{e}\nthe checkpoints already in {run_dir} are intact: run the same command to resume "
+                         "from the latest one") from None
     # later-step checkpoints belong to a timeline abandoned by `--resume earlier.pt`: auto-resume must not pick them
     newer = [p for p in checkpoint_paths(run_dir) if p > path]
     older = [p for p in checkpoint_paths(run_dir) if p <= path]
     for old in newer + (older[:-keep] if keep > 0 else []):
         os.remove(old)
+        if os.path.exists(old + ".sha256"):
+            os.remove(old + ".sha256")
     return path
+
+
+class BadCheckpoint(Exception):
+    pass
+
+
+_warned_unchecked = False
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load, after checking the file against its .sha256; a file with none predates checksums (warned once)."""
+    global _warned_unchecked
+    if os.path.exists(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            expected = f.read().split()[:1]
+        if [file_sha256(path)] != expected:
+            raise BadCheckpoint(f"{path} does not match its sha256 in {path}.sha256 (truncated or corrupted)")
+    elif not _warned_unchecked:
+        _warned_unchecked = True
+        print0(f"warning: {path} has no .sha256 beside it (saved before checksums): loading it unchecked")
+    try:
+        return load_torch_file(path)
+    except ValueError as e:
+        raise BadCheckpoint(str(e)) from None
+
+
+def load_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its contents: --resume path, or the newest good one of this run (a bad
+    one is named and skipped: keep_checkpoints >= 2 keeps a fallback), or none."""
+    if cfg.resume == "never":
+        return None, None
+    if cfg.resume != "auto":
+        if not os.path.isfile(cfg.resume):
+            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint file")
+        try:
+            return cfg.resume, load_checkpoint(cfg.resume)
+        except BadCheckpoint as e:
+            raise SystemExit(f"--resume {cfg.resume}: {e}\npass another checkpoint, or --resume auto") from None
+    paths = checkpoint_paths(run_dir)
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except BadCheckpoint as e:
+            print0(f"skipping a bad checkpoint: {e}")
+    if paths:
+        raise SystemExit(f"no good checkpoint in {run_dir} (all {len(paths)} are bad, see above): resume from "
+                         "another with --resume PATH, or start over with --resume never (moves this run aside)")
+    return None, None
+
+
+def holds_run(run_dir: str) -> bool:
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    return bool(checkpoint_paths(run_dir)) or (os.path.exists(metrics) and os.path.getsize(metrics) > 0)
+
+
+def move_run_aside(run_dir: str) -> str:
+    """Starting over in a folder that holds a run: its files go to <run>.old-<time>/ (the lock stays), so two
+    runs' metrics are never merged and no checkpoint of the old run is deleted."""
+    aside = f"{os.path.normpath(run_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(aside)
+    for name in os.listdir(run_dir):
+        if name != "lock":
+            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    return aside
+
+
+class RunLock:
+    """One trainer per run folder: rank 0 holds an flock on <run>/lock for the run's life. The OS releases it when
+    the process dies, so a crash never leaves the folder locked; the file names the holder for the message."""
+
+    held = {}  # path -> file: a lock this process still holds from a train() that raised (tests call main() again)
+
+    def __init__(self, run_dir: str):
+        path = os.path.realpath(os.path.join(run_dir, "lock"))
+        if path in RunLock.held:
+            RunLock.held.pop(path).close()
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise SystemExit(f"{run_dir} is in use by another trainer ({holder}): wait for it to finish, stop it, "
+                             "or train this one under another --run-name") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        RunLock.held[path] = self.file
+
+    def release(self):
+        RunLock.held.pop(os.path.realpath(self.file.name), None)
+        self.file.close()
+
+
+def open_run_dir(cfg: TrainConfig, run_dir: str, master: bool) -> RunLock | None:
+    """Rank 0 locks the run folder, removes temp files of crashed saves, and moves an old run aside when this one
+    starts over (--resume never, or a run that never saved a checkpoint)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if not master:
+        return None
+    lock = RunLock(run_dir)
+    remove_stale_temps(run_dir)
+    starting_over = cfg.resume == "never" or (cfg.resume == "auto" and not checkpoint_paths(run_dir))
+    if starting_over and holds_run(run_dir):
+        aside = move_run_aside(run_dir)
+        print0(f"{run_dir} holds an earlier run, which this one does not continue: moved it to {aside}")
+    return lock
 
 
 def rng_state() -> dict:
@@ -333,15 +486,19 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def find_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> str | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        if not os.path.isfile(cfg.resume):
-            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint file")
-        return cfg.resume
-    paths = checkpoint_paths(run_dir)
-    return paths[-1] if paths else None
+def data_identity(data_dir: str) -> str:
+    """A hash over the manifest's shard list (file names and sha256s): the same folder rebuilt from another
+    source, or with other settings, gets another identity."""
+    shards = read_manifest(data_dir)["shards"]
+    return hashlib.sha256("\n".join(f"{s['file']} {s['sha256']}" for s in shards).encode()).hexdigest()
+
+
+def check_resume_data(ckpt: dict, data_id: str, path: str, data_dir: str):
+    # checkpoints saved before data identities were recorded cannot be checked
+    if ckpt.get("data_identity", data_id) != data_id:
+        raise SystemExit(f"cannot resume from {path}: the shards in {data_dir} are not the ones this run trained on "
+                         "(the folder was rebuilt from another source or with other settings). Point --data-dir at "
+                         "the original shards, or start a new run with --run-name NAME.")
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
@@ -354,7 +511,8 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
-                         + "\nPass the original values, or start a new run with --run-name NAME (or --resume never).")
+                         + "\nPass the original values, or start a new run with --run-name NAME, or start over under "
+                         "this name with --resume never (moves the old run's files aside to <run>.old-<time>/).")
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -465,7 +623,8 @@ def open_data(cfg: TrainConfig, d: Dist, preset: str) -> tuple[ShardLoader, Shar
                                    align_docs=cfg.align_docs, shuffle=cfg.shuffle, seed=cfg.seed)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
     except (DataError, ValueError) as e:
-        hint = f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]}`" if preset in PRESET_DATA else ""
+        hint = (f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]} --out {cfg.data_dir}`"
+                if preset in PRESET_DATA else "")
         raise SystemExit(f"{e}{hint}") from None
     # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
     tokens_per_micro = cfg.batch_size * cfg.seq_len * d.world_size
@@ -483,19 +642,20 @@ def load_hellaswag(cfg: TrainConfig) -> list[dict]:
         raise SystemExit(f"HellaSwag data: {e} (or turn the eval off with --hellaswag-every 0)") from None
 
 
-def open_run(cfg: TrainConfig, preset: str, d: Dist) -> tuple[str, RunLog, str | None, dict | None]:
-    """The run's folder and log, and the checkpoint to resume from (its settings checked against cfg), if any."""
+def open_run(cfg: TrainConfig, preset: str, d: Dist, data_id: str):
+    """The run's folder, lock (rank 0) and log, and the checkpoint to resume from (its settings and data checked
+    against cfg), if any."""
     run_dir = os.path.join(cfg.log_dir, cfg.run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    lock = open_run_dir(cfg, run_dir, d.master)
     log = RunLog(run_dir, d.master)
-    resume_path = find_resume_checkpoint(cfg, run_dir)
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
+    resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_resume_config(cfg, ckpt["config"], resume_path)
+        check_resume_data(ckpt, data_id, resume_path, cfg.data_dir)
     if d.master:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
-    return run_dir, log, resume_path, ckpt
+    return run_dir, lock, log, resume_path, ckpt
 
 
 def build_emas(cfg: TrainConfig, model: GPT) -> list[PowerEMA]:
@@ -512,17 +672,27 @@ def build_emas(cfg: TrainConfig, model: GPT) -> list[PowerEMA]:
 
 
 class StopRequest:
-    """SIGTERM (spot reclaim) or a first Ctrl-C: finish the step, checkpoint, exit 0. A second Ctrl-C kills."""
+    """SIGTERM (spot reclaim), SIGHUP (a closed ssh session; torchrun forwards it) or a first Ctrl-C: finish the
+    step, checkpoint, exit 0. Another signal more than a second later kills; one within a second is the same
+    Ctrl-C forwarded by a wrapper (uv run passes SIGINT on, so Python sees it twice)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    SAME_SIGNAL_S = 1.0
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.first = False, 0.0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self.first = True, now
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print of the loop
+                os.write(2, f"{signal.Signals(signum).name}: stopping after this step (a checkpoint will be saved); "
+                            "press Ctrl-C again to kill\n".encode())
+        elif now - self.first > self.SAME_SIGNAL_S:
+            self.restore()
+            signal.raise_signal(signum)
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -548,7 +718,8 @@ class Trainer:
         self.grad_accum, stop_step = accumulation_and_stop(cfg, d.world_size)
         self.train_loader, self.val_loader, self.val_batches = open_data(cfg, d, preset)
         self.hellaswag_examples = load_hellaswag(cfg)
-        self.run_dir, self.log, resume_path, ckpt = open_run(cfg, preset, d)
+        self.data_id = data_identity(cfg.data_dir)
+        self.run_dir, self.lock, self.log, resume_path, ckpt = open_run(cfg, preset, d, self.data_id)
         device_type = d.device.type
         self.dtype = autocast_dtype(cfg.dtype, d.device)
         use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
@@ -564,7 +735,7 @@ class Trainer:
         self.emas = build_emas(cfg, raw_model)
         self.step, self.elapsed_before = 0, 0.0
         if ckpt is not None:
-            self.restore(ckpt, resume_path)
+            self.restore(ckpt, resume_path, stop_step)
         self.cadence = Cadence.resuming(cfg, stop_step, ckpt)
         # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
         self.model = torch.compile(raw_model) if use_compile else raw_model
@@ -580,7 +751,7 @@ class Trainer:
         self.pace = Pace()  # the step time the log's ETA assumes
         self.t_start = time.time()
 
-    def restore(self, ckpt: dict, path: str):
+    def restore(self, ckpt: dict, path: str, stop_step: int):
         """Weights, optimizer states, EMAs, the loader's position, the RNGs and the clock of a checkpoint."""
         self.raw_model.load_state_dict(ckpt["model"])
         for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
@@ -592,6 +763,10 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.step, self.elapsed_before = ckpt["step"], ckpt["elapsed"]
         self.log.print(f"resumed from {path} at step {self.step}")
+        if self.step >= stop_step:
+            self.log.print(f"the run in {self.run_dir} is already at step {self.step} (--stop-at/--max-steps "
+                           f"{stop_step}): nothing to train; continue with a later --stop-at, or start another run "
+                           "with --run-name NAME")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t_start
@@ -635,7 +810,7 @@ class Trainer:
                          "step": self.step, "loader": self.train_loader.state_dict(), "rng": rng_state(),
                          "elapsed": self.elapsed(), "evaluated": not stopping,  # see Cadence
                          "emas": [e.state_dict() for e in self.emas], "config": dataclasses.asdict(cfg),
-                         "model_config": dataclasses.asdict(cfg.model)}
+                         "model_config": dataclasses.asdict(cfg.model), "data_identity": self.data_id}
                 self.log.print(f"saved {save_checkpoint(self.run_dir, state, cfg.keep_checkpoints)}")
             if d.world_size > 1:
                 dist.barrier()
@@ -661,10 +836,11 @@ class Trainer:
             dist.all_reduce(stats)
         train_loss, stop = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise SystemExit(f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
-                             f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. Resuming "
-                             f"would repeat this exactly: start a new run (--run-name NAME) with a lower --max-lr, or "
-                             f"check the data.")
+            raise self.log.error(self.step, self.step * cfg.total_batch_size, self.elapsed(),
+                                 f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
+                                 f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. "
+                                 f"Resuming would repeat this exactly: start a new run (--run-name NAME) with a lower "
+                                 f"--max-lr, or check the data.")
         multiplier = set_schedule(cfg, self.optimizers, self.step)
         for opt in self.optimizers:
             opt.step()
@@ -691,7 +867,20 @@ class Trainer:
         tokens = self.step * cfg.total_batch_size
         self.log.print(self.pace.line(self.step, self.cadence.stop_step, tokens, self.elapsed(), fields))
 
+    def summary(self, stopping: bool, resumed_at: int) -> str | None:
+        """The run's last line: where a stopped run resumes, or what a finished one reached."""
+        if stopping:
+            return f"stopped at step {self.step} (checkpoint in {self.run_dir}): run the same command to resume"
+        if self.step == resumed_at:
+            return None
+        val = f"val loss {self.result['val_loss']:.4f}, " if "val_loss" in self.result else ""
+        ckpts = checkpoint_paths(self.run_dir)
+        return (f"finished: step {self.step}, {val}{self.step * self.cfg.total_batch_size:,} tokens, "
+                f"{self.elapsed() / 60:.1f} min of training; checkpoint {ckpts[-1] if ckpts else 'none'}")
+
     def teardown(self):
+        if self.lock:
+            self.lock.release()
         if self.d.world_size > 1:
             del self.train_model  # DDP's reducer before the process group it uses (the other order can abort at exit)
             dist.destroy_process_group()
@@ -699,6 +888,7 @@ class Trainer:
 
 def train(cfg: TrainConfig, preset: str) -> dict:
     trainer = Trainer(cfg, preset)
+    resumed_at = trainer.step
     stopping = False  # a stop request all ranks have agreed on (through the per-step all-reduce)
     try:
         while True:
@@ -713,6 +903,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             stopping = stats.stop
     finally:
         trainer.stop.restore()  # also after an error: the caller's handlers come back
+    if summary := trainer.summary(stopping, resumed_at):
+        trainer.log.print(summary)
     trainer.teardown()
     return {"step": trainer.step, **trainer.result}
 
