@@ -73,7 +73,7 @@ def test_bad_input_says_what_is_wrong(tmp_path, checkpoint_path):
     with pytest.raises(SystemExit, match="no/such.pt: no such checkpoint file"):
         sample.main(["--checkpoint", "no/such.pt", "--device", "cpu"])
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="notes.txt is not a training checkpoint"):
+    with pytest.raises(SystemExit, match="notes.txt is not a readable checkpoint"):
         sample.main(["--checkpoint", str(tmp_path / "notes.txt"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="block size 32; ask for at most 29"):
         sample.main(["--checkpoint", checkpoint_path, "--prompt", PROMPT, "--max-new-tokens", "40", "--device", "cpu"])
