@@ -91,6 +91,13 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "edm2": ["--mode", "edm2", "--ema-sigma-rel", "0.1"],
         "hypersphere": ["--mode", "hypersphere", "--ema-sigma-rel", "0.1"],
     },
+    # gpt-oss's pieces: its SwiGLU alone, then as 8 experts of half the width, 2 active per token (the dense
+    # MLP's active parameters; the router picks two, so it gets a gradient), against the dense GPT-2 MLP
+    "moe": {
+        "baseline": [],
+        "swiglu-oss": ["--mlp", "swiglu-oss"],
+        "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
+    },
 }
 
 

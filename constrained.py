@@ -7,7 +7,7 @@
 
 Each is a set of subclasses of model.py's attention, MLP, Block and GPT that override their seams; module and
 parameter names (and their creation order) are part of the checkpoint format. build_model is the one place that
-reads `mode`.
+reads `mode` (and `moe_experts`).
 """
 
 import math
@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, LOSS_CHUNK_ELEMENTS, MLP, Block, CausalSelfAttention, GPTConfig
+from model import GPT, LOSS_CHUNK_ELEMENTS, MLP, SWIGLU_OSS_LIMIT, Block, CausalSelfAttention, GPTConfig, swiglu_oss
+from moe import MoEGPT
 
 # ---------------------------------------------------------------------- shared pieces
 
@@ -115,9 +116,13 @@ class EDM2MLP(MLP):
 
     def __init__(self, config: GPTConfig):
         super().__init__(config)
-        # the activation divided by its RMS on unit Gaussians keeps unit variance
-        # (swiglu: silu(gate) times an independent unit-variance `up` has the RMS of silu alone)
-        self.gain = unit_rms_gain(F.silu if self.kind == "swiglu" else self.activation)
+        # the activation divided by its RMS on unit Gaussians keeps unit variance (gated: the gate's activation
+        # times an independent `up`, so the RMS multiply; swiglu's `up` has unit RMS, swiglu-oss's is clamped and + 1)
+        if self.kind == "swiglu-oss":
+            self.gain = (unit_rms_gain(lambda z: swiglu_oss(z, torch.zeros_like(z)))
+                         * unit_rms_gain(lambda z: z.clamp(-SWIGLU_OSS_LIMIT, SWIGLU_OSS_LIMIT) + 1))
+        else:
+            self.gain = unit_rms_gain(F.silu if self.kind == "swiglu" else self.activation)
 
     def forward(self, x):
         return self.c_proj(self.activation(self.c_fc(x)) * self.gain)
@@ -249,5 +254,8 @@ MODELS = {"gpt2": GPT, "edm2": EDM2GPT, "hypersphere": HypersphereGPT}
 
 
 def build_model(config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> GPT:
-    """The model that config.mode names: GPT-2 itself or one of the constrained variants above."""
+    """The model that config.mode names: GPT-2 itself or one of the constrained variants above; GPT-2 with
+    mixture-of-experts MLPs (moe.py) when config.moe_experts > 0."""
+    if config.moe_experts:
+        return MoEGPT(config, loss_chunk_elements)
     return MODELS[config.mode](config, loss_chunk_elements)

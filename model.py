@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------------- config
 
-ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu"),
-                "mode": ("gpt2", "edm2", "hypersphere")}
+ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
+                "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
 EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
 FLEX_DEVICES = ("cuda",)  # where FlexAttention runs: it has fused kernels and a backward there only
@@ -41,7 +41,20 @@ class GPTConfig:
     bias: bool = True  # biases in the linear layers and LayerNorms
     pos: str = "learned"  # learned (absolute position table) | rope (rotary, on queries and keys)
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (hidden width 8/3 n_embd: the same parameter count)
+    # YaRN, to run past the trained context (gpt-oss's defaults): none | yarn (NTK-by-parts, see model.yarn)
+    rope_scaling: str = "none"
+    rope_factor: float = 32.0  # context extension: the slowest rotations are slowed down this much
+    rope_beta_fast: float = 32.0  # rotations in the original context above which a frequency is kept (extrapolated)
+    rope_beta_slow: float = 1.0  # ... below which it is divided by rope_factor (interpolated); a ramp between
+    rope_original_context: int = 4096  # the context the rotations are counted over (the one trained at)
+    # gelu | relu2 (relu squared) | swiglu (hidden width 8/3 n_embd: the same parameter count) | swiglu-oss (gpt-oss's
+    # clamped SwiGLU variant, the same width)
+    mlp: str = "gelu"
+    # mixture of experts (moe.py; built by constrained.build_model): moe_experts MLPs of width (dense width) / top_k,
+    # each token goes to its top_k; 0 = the dense MLP. top_k 1 leaves the router without gradient (softmax of one)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_bias_rate: float = 0.001  # aux-loss-free balancing: routing-bias step per optimizer step (DeepSeek-V3's gamma)
     qk_norm: bool = False  # RMS-normalize queries and keys per head before the dot product
     sinks: bool = False  # a learned per-head logit in every softmax denominator: a head may attend to nothing (gpt-oss)
     window: int = 0  # > 0: even layers attend to the last `window` positions only, odd layers to all (gpt-oss: 128)
@@ -64,10 +77,18 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
-        if min(self.n_kv_head, self.window, self.softcap) < 0:
-            raise ValueError("n_kv_head, window and softcap must be >= 0 (0: off)")
+        if min(self.n_kv_head, self.window, self.softcap, self.moe_experts) < 0:
+            raise ValueError("n_kv_head, window, softcap and moe_experts must be >= 0 (0: off)")
         if self.mode != "gpt2" and self.zero_init:
             raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
+        if self.rope_scaling == "yarn" and not (self.pos == "rope" and self.rope_factor >= 1
+                                                and self.rope_beta_fast > self.rope_beta_slow > 0
+                                                and self.rope_original_context > 0):
+            raise ValueError("rope_scaling yarn needs pos rope, rope_factor >= 1, rope_beta_fast > rope_beta_slow > 0 "
+                             "and rope_original_context > 0")
+        if self.moe_experts and not (0 < self.moe_top_k <= self.moe_experts and self.mode == "gpt2"):
+            raise ValueError(f"moe_experts {self.moe_experts} needs 0 < moe_top_k <= moe_experts (got "
+                             f"{self.moe_top_k}) and mode gpt2 (the constrained modes have no experts)")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -80,10 +101,12 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
-        # sizes may differ, and so may rope_theta and mp_blend: they do nothing without rope and edm2
-        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
+        # sizes may differ, and so may the settings of switches that are off: rope_theta (rope), rope_factor and the
+        # betas and context (yarn), moe_top_k and moe_bias_rate (experts), mp_blend (edm2); doc_mask too: it changes
+        # no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
-                "mp_blend", "doc_mask")
+                "rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_original_context", "moe_top_k",
+                "moe_bias_rate", "mp_blend", "doc_mask")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 
@@ -92,11 +115,33 @@ class GPTConfig:
 
 
 def rope_tables(config: GPTConfig, start: int, T: int, device):
-    """cos, sin (T, head_dim / 2) of the rotation angles pos * theta^(-2i / head_dim) for positions start.."""
+    """cos, sin (T, head_dim / 2) of the rotation angles pos * theta^(-2i / head_dim) for positions start..
+    (with YaRN: its frequencies, and both tables times its attention concentration, see yarn)."""
     head_dim = config.n_embd // config.n_head
     inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if config.rope_scaling == "yarn":
+        inv_freq, concentration = yarn(config, inv_freq)
     angles = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
+    if config.rope_scaling == "yarn":
+        return angles.cos() * concentration, angles.sin() * concentration
     return angles.cos(), angles.sin()
+
+
+def yarn(config: GPTConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"), in gpt-oss's
+    form (RotaryEmbedding._compute_concentration_and_inv_freq): NTK-by-parts frequencies and the concentration.
+    Pair i turns L / (2 pi theta^(2i/D)) times over the original context L. A pair that turns more than beta_fast
+    times saw every angle in training, so it keeps its frequency (extrapolation); one that turns less than
+    beta_slow times saw part of the circle only, so its frequency is divided by factor (interpolation: factor * L
+    positions map onto the angles of L); a ramp, linear in i, blends the two in between. The concentration
+    0.1 ln(factor) + 1 scales q and k (so the logits by its square): longer contexts flatten the softmax, this
+    sharpens it back."""
+    half, c = inv_freq.numel(), config
+    # the pair index at which the rotations over L equal beta: L / (2 pi theta^(2i/D)) = beta
+    fast, slow = (half * math.log(c.rope_original_context / (beta * 2 * math.pi)) / math.log(c.rope_theta)
+                  for beta in (c.rope_beta_fast, c.rope_beta_slow))
+    ramp = ((torch.arange(half, device=inv_freq.device, dtype=torch.float32) - fast) / (slow - fast)).clamp(0, 1)
+    return inv_freq / c.rope_factor * ramp + inv_freq * (1 - ramp), 0.1 * math.log(c.rope_factor) + 1
 
 
 def apply_rope(x, cos, sin):
@@ -245,16 +290,36 @@ class CausalSelfAttention(nn.Module):
 # ---------------------------------------------------------------------- MLP, block
 
 
+SWIGLU_OSS_LIMIT, SWIGLU_OSS_ALPHA = 7.0, 1.702  # gpt-oss's swiglu_limit and its sigmoid slope
+GATED = ("swiglu", "swiglu-oss")  # the MLP kinds whose c_fc holds a gate half and a linear half
+
+
+def swiglu_oss(gate, linear):
+    """gpt-oss's SwiGLU (its swiglu()): the gate clamped above at 7, the linear half to +-7, a sigmoid of slope
+    1.702 (GELU's sigmoid approximation), and 1 added to the linear half."""
+    gate = gate.clamp(max=SWIGLU_OSS_LIMIT)
+    linear = linear.clamp(-SWIGLU_OSS_LIMIT, SWIGLU_OSS_LIMIT)
+    return gate * torch.sigmoid(SWIGLU_OSS_ALPHA * gate) * (linear + 1)
+
+
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int = 0):
+        """hidden: the hidden width; 0: GPT-2's 4 n_embd (8/3 n_embd for the gated kinds). A MoE expert (moe.py)
+        passes its own; the dense MLP of a config with experts is refused (GPT's blocks are dense: build_model)."""
         super().__init__()
+        if config.moe_experts and not hidden:
+            raise ValueError("moe_experts > 0: build the model with constrained.build_model (moe.MoEGPT)")
         self.kind = config.mlp
-        hidden = 4 * config.n_embd
-        if self.kind == "swiglu":  # three matrices instead of two: 8/3 the width keeps the parameter count
-            hidden = round(8 * config.n_embd / 3 / 8) * 8
-        self.c_fc = self.linear(config, config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden)
+        hidden = hidden or self.dense_width(config)
+        self.c_fc = self.linear(config, config.n_embd, (2 if self.kind in GATED else 1) * hidden)
         self.c_proj = self.linear(config, hidden, config.n_embd)
         self.c_proj.residual_out = True
+
+    @staticmethod
+    def dense_width(config: GPTConfig) -> int:
+        if config.mlp in GATED:  # three matrices instead of two: 8/3 the width keeps the count
+            return round(8 * config.n_embd / 3 / 8) * 8
+        return 4 * config.n_embd
 
     def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
         """As CausalSelfAttention.linear."""
@@ -265,8 +330,10 @@ class MLP(nn.Module):
             return F.gelu(h, approximate="tanh")
         if self.kind == "relu2":
             return F.relu(h).square()
+        # gate and linear halves side by side (gpt-oss interleaves them, a permutation of c_fc's rows that only
+        # matters for loading its weights, which this project does not)
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return swiglu_oss(gate, up) if self.kind == "swiglu-oss" else F.silu(gate) * up
 
     def forward(self, x):
         return self.c_proj(self.activation(self.c_fc(x)))

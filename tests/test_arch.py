@@ -8,14 +8,16 @@ import torch
 
 from constrained import build_model
 import model as model_module
-from model import EOT, GPT, GPTConfig, apply_rope, attention, flex_attend, rope_tables
+from model import EOT, GPT, MLP, GPTConfig, apply_rope, attention, flex_attend, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, sinks=True, window=8,
               tie_head=False, zero_init=True, softcap=15.0, doc_mask=True)
-SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), dict(mlp="relu2"), dict(mlp="swiglu"),
-            dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True), dict(window=8),
-            dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True), ALL_ON]
+# original context 1024 puts head size 8's pairs in all three regimes: 0 kept, 1 and 2 blended, 3 interpolated
+YARN = dict(pos="rope", rope_scaling="yarn", rope_original_context=1024)
+SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"), dict(mlp="swiglu"),
+            dict(mlp="swiglu-oss"), dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True),
+            dict(window=8), dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True), ALL_ON]
 
 
 def naive_attention(q, k, v, start, window, sinks, docs=None):
@@ -111,6 +113,41 @@ def test_rope_is_a_complex_rotation_and_relative():
     cos, sin = rope_tables(cfg, start=0, T=20, device="cpu")
     rot = lambda t, p: apply_rope(t.view(1, 1, 1, D), cos[p : p + 1], sin[p : p + 1]).flatten()
     assert torch.allclose(rot(q, 7) @ rot(k, 3), rot(q, 15) @ rot(k, 11))
+
+
+def test_yarn_frequencies_and_concentration_by_hand():
+    """Head size 8, theta 10^4, gpt-oss's factor 32, betas 32 and 1, original context 4096. Pair i (frequency
+    10^-i) turns 4096 / (2 pi 10^i) times: 652, 65, 6.5, 0.65. Rotations = beta at i = log10(4096 / (2 pi beta)):
+    1.3090 (beta 32) and 2.8142 (beta 1); so pairs 0, 1 keep their frequency, pair 3 is divided by 32 and pair 2
+    is blended with ramp (2 - 1.3090) / (2.8142 - 1.3090) = 0.4591."""
+    cfg = GPTConfig(**SMALL, pos="rope", rope_scaling="yarn")
+    low, high = math.log10(4096 / (2 * math.pi * 32)), math.log10(4096 / (2 * math.pi))
+    assert (round(low, 4), round(high, 4)) == (1.3090, 2.8142)
+    ramp = (2 - low) / (high - low)
+    inv_freq = [1.0, 0.1, 0.01 * (ramp / 32 + 1 - ramp), 0.001 / 32]
+    concentration = 0.1 * math.log(32) + 1  # 1.3466
+    cos, sin = rope_tables(cfg, start=5, T=3, device="cpu")
+    pos = torch.arange(5, 8, dtype=torch.float64)[:, None]
+    angles = pos * torch.tensor(inv_freq, dtype=torch.float64)
+    assert torch.allclose(cos.double(), angles.cos() * concentration, atol=1e-6)
+    assert torch.allclose(sin.double(), angles.sin() * concentration, atol=1e-6)
+    with pytest.raises(ValueError, match="needs pos rope"):
+        GPTConfig(**SMALL, rope_scaling="yarn")
+
+
+def test_swiglu_oss_is_gpt_oss_formula():
+    """gate = min(g, 7), linear = clamp(l, -7, 7), out = gate * sigmoid(1.702 gate) * (linear + 1), element by
+    element in float64, on values inside and outside the clamps; gate half first, linear half second."""
+    mlp = MLP(GPTConfig(**SMALL, mlp="swiglu-oss"))
+    gate = [-9.0, -7.5, -1.0, 0.0, 0.5, 3.0, 6.9, 7.5, 12.0]
+    linear = [9.0, -8.0, 2.0, -3.0, 7.1, -7.1, 0.25, 1.0, -0.5]
+    expected = []
+    for g, l in zip(gate, linear):
+        g, l = min(g, 7.0), max(-7.0, min(l, 7.0))
+        expected.append(g / (1 + math.exp(-1.702 * g)) * (l + 1))
+    out = mlp.activation(torch.tensor(gate + linear, dtype=torch.float64))
+    assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    assert mlp.c_fc.weight.shape == (2 * 88, 32)  # swiglu's width: 8/3 n_embd, rounded to 8
 
 
 def _batch(seed=0):
@@ -264,8 +301,9 @@ def test_sink_limits_and_wide_window_are_plain_attention():
         assert torch.allclose(other(x)[0], expected, atol=1e-5)
 
 
-COMPILE_CASES = {  # every switch and mode in three compiles (each costs 20-40 s on 2 cores)
+COMPILE_CASES = {  # every switch and mode in four compiles (each costs 20-40 s on 2 cores)
     "all-on": ALL_ON,
+    "all-on-moe": {**ALL_ON, **YARN, "mlp": "swiglu-oss", "moe_experts": 4, "moe_top_k": 2, "zero_init": False},
     "edm2-relu2": dict(mode="edm2", mlp="relu2", softcap=30.0, window=8),
     "hypersphere": dict(mode="hypersphere", pos="rope", mlp="swiglu", sinks=True, n_kv_head=2),
 }
@@ -279,12 +317,15 @@ def test_switches_and_modes_compile(switch):
     _, eager = model(x, y, return_logits=False)
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
+    eager_counts = [b.mlp.step_counts.clone() for b in model.transformer.h] if "moe_experts" in switch else []
     model.zero_grad()
     _, compiled = torch.compile(model)(x, y, return_logits=False)
     compiled.backward()
     assert abs(compiled.item() - eager.item()) < 1e-4
     for p, g in zip(model.parameters(), eager_grads):
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-3)
+    for block, counts in zip(model.transformer.h, eager_counts):  # the compiled forward counts expert choices too
+        assert torch.equal(block.mlp.step_counts, 2 * counts)
 
 
 def test_flex_window_path_compiles():

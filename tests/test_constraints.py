@@ -93,9 +93,10 @@ def residual_rms(model: GPT, idx) -> list[float]:
     return [x0.pow(2).mean().sqrt().item(), *seen]
 
 
-def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows():
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu-oss"])
+def test_edm2_keeps_unit_rms_through_depth_where_gpt2_grows(mlp):
     idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(0))
-    cfg = dict(block_size=64, n_layer=12, n_head=4, n_embd=128, vocab_multiple=128)
+    cfg = dict(block_size=64, n_layer=12, n_head=4, n_embd=128, vocab_multiple=128, mlp=mlp)
     torch.manual_seed(0)
     edm2 = residual_rms(build_model(GPTConfig(**cfg, mode="edm2")), idx)
     torch.manual_seed(0)
@@ -131,12 +132,12 @@ def test_build_model_picks_the_mode_and_keeps_the_checkpoint_layout(mode):
     assert any(isinstance(m, ConstrainedLinear) for m in model.modules()) == (mode != "gpt2")
 
 
-def _ddp_rank(rank, world, port, mode, out):
+def _ddp_rank(rank, world, port, switch, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(GPTConfig(**SMALL, mode=mode))
+    model = build_model(GPTConfig(**SMALL, **switch))
     ddp = DDP(model)
     adamw = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 1e-8, "cpu", exclude=model.hidden_matrices())
     muon = Muon(model.hidden_matrices(), lr=0.05, fixed_norm=True)
@@ -148,7 +149,8 @@ def _ddp_rank(rank, world, port, mode, out):
             opt.step()
             opt.zero_grad()
         model.after_step()
-    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # buffers too: MoE's routing biases, moved by every rank from the all-reduced expert loads
+    weights = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
     gathered = [torch.empty_like(weights) for _ in range(world)]
     dist.all_gather(gathered, weights)
     if rank == 0:
@@ -158,12 +160,17 @@ def _ddp_rank(rank, world, port, mode, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["edm2", "hypersphere"])
-def test_ddp_ranks_stay_identical(tmp_path, mode):
+# moe: with 8 experts, rank-local loads would leave the ranks with different routing biases (with 4, they happen not to)
+DDP_CASES = {"edm2": dict(mode="edm2"), "hypersphere": dict(mode="hypersphere"),
+             "moe": dict(moe_experts=8, moe_top_k=2, moe_bias_rate=0.01)}
+
+
+@pytest.mark.parametrize("switch", DDP_CASES.values(), ids=DDP_CASES.keys())
+def test_ddp_ranks_stay_identical(tmp_path, switch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, mode, tmp_path / "w.pt"), nprocs=2)
+    mp.spawn(_ddp_rank, args=(2, port, switch, tmp_path / "w.pt"), nprocs=2)
     rank0, rank1 = torch.load(tmp_path / "w.pt")
     assert torch.equal(rank0, rank1)
     assert not math.isnan(rank0.sum().item())
