@@ -62,6 +62,11 @@ class GPTConfig:
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
     doc_mask: bool = False  # a position attends only within its document (each <|endoftext|> opens one)
+    # the 124M speedruns' wins (modded-nanogpt, nanochat): every other layer, the last included, adds a token
+    # embedding table of its own to its attention values, gated per kv head (2 sigmoid(linear), 1 at init: nanochat)
+    value_embeds: bool = False
+    unet: bool = False  # block j's output (first half) is added to block L-1-j's input, weight learned (1 at init)
+    x0_mix: bool = False  # each block's input is a * x + b * x0 (x0: the embedding), a, b learned per block, 1 and 0 at init
     # a weight-constrained variant instead of GPT-2 (built by constrained.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -81,6 +86,9 @@ class GPTConfig:
             raise ValueError("n_kv_head, window, softcap and moe_experts must be >= 0 (0: off)")
         if self.mode != "gpt2" and self.zero_init:
             raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
+        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix):
+            raise ValueError(f"value_embeds, unet and x0_mix need mode gpt2: the learned mixes would undo {self.mode}'s "
+                             "unit magnitudes")
         if self.rope_scaling == "yarn" and not (self.pos == "rope" and self.rope_factor >= 1
                                                 and self.rope_beta_fast > self.rope_beta_slow > 0
                                                 and self.rope_original_context > 0):
@@ -244,6 +252,14 @@ def attention_mask(config: GPTConfig, idx, cache: "KVCache | None", windows: set
     return AttentionMask(docs, block_masks) if docs is not None or block_masks else None
 
 
+VE_GATE_CHANNELS = 32  # nanochat's value-embedding gate input width
+
+
+def has_value_embed(config: GPTConfig, layer: int) -> bool:
+    """value_embeds: every other layer counted back from the last (nanochat's layout)."""
+    return config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -255,18 +271,26 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
+        self.ve_gate = None
+        if has_value_embed(config, layer):  # reads the first channels of the input, as nanochat's gate does
+            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
+            self.ve_gate.starts_at_zero = True  # gate 2 sigmoid(0) = 1: the values plus the embedding at init
 
     def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
         """The factory of this layer's linear maps (a seam: the constrained models normalize their weights)."""
         return nn.Linear(in_features, out_features, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
-        return self.c_proj(self.heads(x, rope, cache, mask))
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
+        return self.c_proj(self.heads(x, rope, cache, mask, ve))
 
-    def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
-        """Every head's output, side by side (B, T, C): the input of the output projection."""
+    def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
+        """Every head's output, side by side (B, T, C): the input of the output projection. ve (B, T, kv width):
+        this layer's value embedding of the tokens (value_embeds), added to the values through the gate."""
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, n_kv_head)
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, -1, self.head_dim).transpose(1, 2)
         start = 0
         if cache is not None:
             start = cache.pos
@@ -356,8 +380,8 @@ class Block(nn.Module):
             return nn.RMSNorm(config.n_embd, eps=1e-5)
         return nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
-        x = x + self.attn(self.ln_1(x), rope, cache, mask)
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -377,6 +401,15 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.h = nn.ModuleList([self.Block(config, i) for i in range(config.n_layer)])
         self.transformer.ln_f = self.Block.make_norm(config)
+        if config.value_embeds:  # one table per layer that has a gate, of the values' width
+            width = config.kv_heads * (config.n_embd // config.n_head)
+            self.transformer.ve = nn.ModuleDict({str(i): nn.Embedding(config.padded_vocab_size, width)
+                                                 for i in range(config.n_layer) if has_value_embed(config, i)})
+        if config.unet:
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+        if config.x0_mix:
+            self.x_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
@@ -386,7 +419,7 @@ class GPT(nn.Module):
         # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
         # 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth (two per block).
         if isinstance(module, nn.Linear):
-            std = 0.02
+            std = 0.0 if getattr(module, "starts_at_zero", False) else 0.02
             if getattr(module, "residual_out", False):
                 std = 0.0 if self.config.zero_init else std / math.sqrt(2 * self.config.n_layer)
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -409,11 +442,24 @@ class GPT(nn.Module):
         if self.config.pos == "rope":
             rope = rope_tables(self.config, start, T, idx.device)
         mask = attention_mask(self.config, idx, cache, {block.attn.window for block in self.transformer.h})
-        for block in self.transformer.h:
-            x = block(x, rope, cache, mask)
+        x0, skips, L = x, [], self.config.n_layer
+        for i, block in enumerate(self.transformer.h):
+            if self.config.unet and i >= L - L // 2:  # the mirror of block L-1-i of the first half
+                x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
+            if self.config.x0_mix:
+                x = self.x_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.transformer.ve[str(i)](idx) if has_value_embed(self.config, i) else None
+            x = block(x, rope, cache, mask, ve)
+            skips += [x] if self.config.unet else []
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    def set_window(self, window: int):
+        """The window of the windowed (even) layers from now on: train_gpt2's window schedule."""
+        for block in self.transformer.h:
+            if block.attn.layer % 2 == 0:
+                block.attn.window = window
 
     def embed(self, idx, start: int):
         """The residual stream's start for tokens idx (B, T) at positions start..: token plus position embeddings."""
@@ -503,11 +549,11 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the usual 6N + 12*L*C*T: 2 (multiply-add) x 3 (forward, and backward
         for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked).
-        N counts matmul weights only: the position table (and an untied token table), biases and norms do no
-        matmul. Sliding windows skip some attention work that this count (like MFU conventions) still includes."""
+        N counts matmul weights only: the position and value-embedding tables (and an untied token table), biases
+        and norms do no matmul. Sliding windows skip some attention work that this count (like MFU conventions) still includes."""
         c = self.config
-        lookups = [m.weight.numel() for name, m in self.transformer.items()
-                   if name == "wpe" or (name == "wte" and not c.tie_head)]
+        lookups = [m.weight.numel() for m in self.modules()  # a tied token table is the head: a matmul
+                   if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight]
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 

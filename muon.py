@@ -111,14 +111,15 @@ def fused_row_splits(model) -> dict[torch.nn.Parameter, tuple[int, ...]]:
 
 
 def set_adamw_lrs(adamw: torch.optim.Optimizer, model, embed_lr: float, head_lr: float, scalar_lr: float):
-    """Split the AdamW groups of a GPT by role and give each role its peak lr (0: keep the group's): the token
-    and position tables (embed), the LM head (head; when tied, the shared table), the 1-D parameters (biases,
-    norm gains, sinks: scalar). Weight decay stays per group as model.configure_optimizers set it."""
+    """Split the AdamW groups of a GPT by role and give each role its peak lr (0: keep the group's): the token,
+    position and value-embedding tables (embed), the LM head (head; when tied, the shared table), the 1-D
+    parameters (biases, norm gains, sinks, the speedrun lambdas: scalar). Weight decay stays per group as
+    model.configure_optimizers set it."""
     roles = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied table shows under both names
         if name == "lm_head.weight":
             roles[id(p)] = "head"
-        elif name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        elif name in ("transformer.wte.weight", "transformer.wpe.weight") or name.startswith("transformer.ve."):
             roles.setdefault(id(p), "embed")
         elif p.dim() < 2:
             roles[id(p)] = "scalar"

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -71,6 +72,11 @@ class TrainConfig:
     warmup_steps: int = 715
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
     stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
+    # the speedruns' growing batch and window (0: off), functions of the step, so a resumed run follows them exactly
+    batch_ramp_start: float = 0.0  # > 0: a step's tokens rise from this fraction of total_batch_size to all of it; lrs x sqrt(fraction)
+    batch_ramp_frac: float = 0.25  # ... linearly over this fraction of max_steps (in whole micro-batches)
+    window_start: int = 0  # > 0: the windowed layers' window rises from this to --window, in multiples of this
+    window_ramp_frac: float = 1.0  # ... linearly over this fraction of max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -141,7 +147,8 @@ MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("bloc
 # Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
 # must not change them.
 RESUME_MUST_MATCH = (
-    "data_dir", "align_docs", "shuffle", "seq_len", "total_batch_size", "max_lr",
+    "data_dir", "align_docs", "shuffle", "seq_len", "total_batch_size", "batch_ramp_start", "batch_ramp_frac",
+    "window_start", "window_ramp_frac", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
     "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "adam_embed_lr", "adam_head_lr",
@@ -296,6 +303,27 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr_ratio)
 
 
+def micro_steps(cfg: TrainConfig, step: int, grad_accum: int) -> int:
+    """The micro-batches of a step: grad_accum, or with the batch ramp batch_ramp_start of them (at least one) at
+    step 0, rising linearly to grad_accum at batch_ramp_frac * max_steps."""
+    if not cfg.batch_ramp_start:
+        return grad_accum
+    progress = min(1.0, step / max(1, round(cfg.batch_ramp_frac * cfg.max_steps)))
+    fraction = cfg.batch_ramp_start + progress * (1.0 - cfg.batch_ramp_start)
+    return max(1, min(grad_accum, round(fraction * grad_accum)))
+
+
+def window_at(cfg: TrainConfig, step: int) -> int:
+    """The windowed layers' window at step: --window, or with window_start a linear rise from window_start to
+    --window at window_ramp_frac * max_steps, rounded down to a multiple of window_start (few distinct windows:
+    each is a recompile under torch.compile)."""
+    if not cfg.window_start:
+        return cfg.model.window
+    progress = min(1.0, step / max(1, round(cfg.window_ramp_frac * cfg.max_steps)))
+    window = cfg.window_start + progress * (cfg.model.window - cfg.window_start)
+    return int(window // cfg.window_start * cfg.window_start)
+
+
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest. Each group remembers its peak lr
     (initial_lr) so the schedule can scale every optimizer by the same factor."""
@@ -316,10 +344,12 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[tor
     return optimizers
 
 
-def set_schedule(cfg: TrainConfig, optimizers: list[torch.optim.Optimizer], step: int) -> float:
-    """Every group's lr for this step: its peak (initial_lr) times the schedule; and Muon's momentum warm-up.
-    Returns the schedule's multiplier."""
-    multiplier = lr_at(cfg, step)
+def set_schedule(cfg: TrainConfig, optimizers: list[torch.optim.Optimizer], step: int,
+                 batch_fraction: float = 1.0) -> float:
+    """Every group's lr for this step: its peak (initial_lr) times the schedule, times sqrt(batch_fraction), the
+    step's share of total_batch_size (the square-root rule of adaptive optimizers, Malladi et al. 2022); and
+    Muon's momentum warm-up. Returns the lr multiplier."""
+    multiplier = lr_at(cfg, step) * math.sqrt(batch_fraction)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
@@ -612,7 +642,13 @@ def accumulation_and_stop(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
                          f"world_size = {cfg.batch_size} * {cfg.seq_len} * {world_size}: change one of them")
     if cfg.stop_at > cfg.max_steps:
         raise SystemExit(f"--stop-at {cfg.stop_at} is past --max-steps {cfg.max_steps}, where the schedule ends")
-    return cfg.total_batch_size // tokens_per_micro, cfg.stop_at or cfg.max_steps
+    accum = cfg.total_batch_size // tokens_per_micro
+    if cfg.batch_ramp_start and not (0 < cfg.batch_ramp_start < 1 and accum > 1):
+        raise SystemExit(f"--batch-ramp-start {cfg.batch_ramp_start} needs to be in (0, 1) and more than one "
+                         f"micro-batch per step (now {accum}): lower --batch-size")
+    if cfg.window_start and not 0 < cfg.window_start < cfg.model.window:
+        raise SystemExit(f"--window-start {cfg.window_start} needs --window above it (now {cfg.model.window})")
+    return accum, cfg.stop_at or cfg.max_steps
 
 
 def open_data(cfg: TrainConfig, d: Dist, preset: str) -> tuple[ShardLoader, ShardLoader, int]:
@@ -706,6 +742,7 @@ class StepStats:
     lr_multiplier: float
     seconds: float
     stop: bool  # a stop request, agreed on by all ranks
+    tokens: int  # trained on in this step, all ranks
 
 
 class Trainer:
@@ -716,6 +753,9 @@ class Trainer:
         self.cfg = cfg
         d = self.d = setup_distributed(cfg.device)
         self.grad_accum, stop_step = accumulation_and_stop(cfg, d.world_size)
+        micro_tokens = cfg.total_batch_size // self.grad_accum  # the batch ramp varies a step's micro-batches
+        self.tokens_before = list(itertools.accumulate(
+            (micro_tokens * micro_steps(cfg, s, self.grad_accum) for s in range(cfg.max_steps)), initial=0))
         self.train_loader, self.val_loader, self.val_batches = open_data(cfg, d, preset)
         self.hellaswag_examples = load_hellaswag(cfg)
         self.data_id = data_identity(cfg.data_dir)
@@ -771,12 +811,17 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t_start
 
+    def tokens(self) -> int:
+        """Tokens trained on before the current step, over all ranks."""
+        return self.tokens_before[self.step]
+
     def event(self, kind: str, **values):
-        self.log.event(kind, self.step, self.step * self.cfg.total_batch_size, self.elapsed(), **values)
+        self.log.event(kind, self.step, self.tokens(), self.elapsed(), **values)
 
     def evaluate_if_due(self, stopping: bool):
         """val loss (and the EMA's), HellaSwag and samples, each on its own cadence."""
         cfg, d, step, due, result = self.cfg, self.d, self.step, self.cadence, self.result
+        self.raw_model.set_window(window_at(cfg, step))  # what this step trains with (the same after a resume)
         if due.evaluation_due(cfg.val_every, step, stopping):
             result["val_loss"], bpb = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
             self.event("val", loss=result["val_loss"], bpb=bpb)
@@ -816,8 +861,10 @@ class Trainer:
                 dist.barrier()
 
     def optimizer_step(self) -> StepStats:
-        """grad_accum micro-steps with the gradients all-reduced on the last one only, then every optimizer's step."""
-        cfg, d, accum = self.cfg, self.d, self.grad_accum
+        """The step's micro-steps (grad_accum, fewer early in a batch ramp) with the gradients all-reduced on the
+        last one only, then every optimizer's step."""
+        cfg, d, accum = self.cfg, self.d, micro_steps(self.cfg, self.step, self.grad_accum)
+        self.raw_model.set_window(window_at(cfg, self.step))
         t0 = time.time()
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
@@ -836,12 +883,12 @@ class Trainer:
             dist.all_reduce(stats)
         train_loss, stop = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise self.log.error(self.step, self.step * cfg.total_batch_size, self.elapsed(),
+            raise self.log.error(self.step, self.tokens(), self.elapsed(),
                                  f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
                                  f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. "
                                  f"Resuming would repeat this exactly: start a new run (--run-name NAME) with a lower "
                                  f"--max-lr, or check the data.")
-        multiplier = set_schedule(cfg, self.optimizers, self.step)
+        multiplier = set_schedule(cfg, self.optimizers, self.step, accum / self.grad_accum)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -850,22 +897,24 @@ class Trainer:
             ema.update(self.step + 1)  # step + 1 optimizer steps done
         if d.device.type == "cuda":
             torch.cuda.synchronize()
-        return StepStats(train_loss, grad_norm.item(), multiplier, time.time() - t0, stop)
+        return StepStats(train_loss, grad_norm.item(), multiplier, time.time() - t0, stop,
+                         accum * cfg.total_batch_size // self.grad_accum)
 
     def log_step(self, s: StepStats):
         cfg, d = self.cfg, self.d
         lr = cfg.max_lr * s.lr_multiplier  # AdamW's lr, as logged since the first runs
-        tok_per_s = cfg.total_batch_size / s.seconds
+        tok_per_s = s.tokens / s.seconds
         mfu = self.flops_per_token * tok_per_s / (self.peak * d.world_size) if self.peak else None
         mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
         self.result["train_loss"] = s.loss
+        schedules = {"batch_tokens": s.tokens} if cfg.batch_ramp_start else {}
+        schedules |= {"window": window_at(cfg, self.step - 1)} if cfg.window_start else {}
         self.event("train", loss=s.loss, lr=lr, grad_norm=s.grad_norm, dt_ms=s.seconds * 1000, tok_per_s=tok_per_s,
-                   mfu=mfu, mem_gb=mem)
+                   mfu=mfu, mem_gb=mem, **schedules)
         self.pace.update(s.seconds)
         fields = (f"loss {s.loss:.6f} | lr {lr:.2e} | norm {s.grad_norm:.3f} | {s.seconds * 1000:.0f} ms | "
                   f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "") + (f" | {mem:.1f} GiB" if mem else ""))
-        tokens = self.step * cfg.total_batch_size
-        self.log.print(self.pace.line(self.step, self.cadence.stop_step, tokens, self.elapsed(), fields))
+        self.log.print(self.pace.line(self.step, self.cadence.stop_step, self.tokens(), self.elapsed(), fields))
 
     def summary(self, stopping: bool, resumed_at: int) -> str | None:
         """The run's last line: where a stopped run resumes, or what a finished one reached."""
@@ -875,7 +924,7 @@ class Trainer:
             return None
         val = f"val loss {self.result['val_loss']:.4f}, " if "val_loss" in self.result else ""
         ckpts = checkpoint_paths(self.run_dir)
-        return (f"finished: step {self.step}, {val}{self.step * self.cfg.total_batch_size:,} tokens, "
+        return (f"finished: step {self.step}, {val}{self.tokens():,} tokens, "
                 f"{self.elapsed() / 60:.1f} min of training; checkpoint {ckpts[-1] if ckpts else 'none'}")
 
     def teardown(self):

@@ -12,12 +12,13 @@ from model import EOT, GPT, MLP, GPTConfig, apply_rope, attention, flex_attend, 
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, sinks=True, window=8,
-              tie_head=False, zero_init=True, softcap=15.0, doc_mask=True)
+              tie_head=False, zero_init=True, softcap=15.0, doc_mask=True, value_embeds=True, unet=True, x0_mix=True)
 # original context 1024 puts head size 8's pairs in all three regimes: 0 kept, 1 and 2 blended, 3 interpolated
 YARN = dict(pos="rope", rope_scaling="yarn", rope_original_context=1024)
 SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"), dict(mlp="swiglu"),
             dict(mlp="swiglu-oss"), dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True),
-            dict(window=8), dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True), ALL_ON]
+            dict(window=8), dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True),
+            dict(value_embeds=True), dict(unet=True), dict(x0_mix=True), ALL_ON]
 
 
 def naive_attention(q, k, v, start, window, sinks, docs=None):

@@ -162,7 +162,8 @@ def _ddp_rank(rank, world, port, switch, out):
 
 # moe: with 8 experts, rank-local loads would leave the ranks with different routing biases (with 4, they happen not to)
 DDP_CASES = {"edm2": dict(mode="edm2"), "hypersphere": dict(mode="hypersphere"),
-             "moe": dict(moe_experts=8, moe_top_k=2, moe_bias_rate=0.01)}
+             "moe": dict(moe_experts=8, moe_top_k=2, moe_bias_rate=0.01),
+             "speedrun": dict(value_embeds=True, unet=True, x0_mix=True)}
 
 
 @pytest.mark.parametrize("switch", DDP_CASES.values(), ids=DDP_CASES.keys())
