@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import plot_logs
-from train_gpt2 import MODERN
+from train_gpt2 import MODERN, SPEEDRUN
 
 TRAIN = Path(__file__).resolve().parent / "train_gpt2.py"
 
@@ -83,6 +83,20 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "anchors": [*MODERN_BEFORE, "--muon-split", "1", "--muon-ns", "polar", *MUON_CAUTIOUS_WD, "--muon-normuon", "1",
                     *ANCHOR_ADAM_LRS],
     },
+    # the 124M speedruns' wins (modded-nanogpt, nanochat), each on top of the modern preset, then the chosen set
+    # (the tiny-speedrun preset's switches). window-ramp is for FineWeb's long documents: tiny-shakespeare's
+    # (~47 tokens) fit in the smallest window, so there it can only cost
+    "speedrun": {
+        "baseline": [],
+        "modern": flags(MODERN),
+        "docs": [*flags(MODERN), "--doc-mask", "1", "--align-docs", "1"],
+        "value-embeds": [*flags(MODERN), "--value-embeds", "1"],
+        "unet": [*flags(MODERN), "--unet", "1"],
+        "x0-mix": [*flags(MODERN), "--x0-mix", "1"],
+        "batch-ramp": [*flags(MODERN), "--batch-size", "4", "--batch-ramp-start", "0.25"],
+        "window-ramp": [*flags(MODERN), "--window", "64", "--window-start", "16"],
+        "speedrun": flags(SPEEDRUN),
+    },
     # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
     "constraints": {
         "baseline": ["--ema-sigma-rel", "0.1"],
@@ -115,9 +129,9 @@ def run_names(configs: dict[str, list[str]], seeds: list[int] | None) -> dict[st
     return {f"{name}-s{seed}": (name, seed) for name in configs for seed in seeds}
 
 
-def steps_to(records: list[dict], target: float) -> int | None:
-    """The first evaluated step whose val loss is at or below target (None: never reached)."""
-    return next((r["step"] for r in records if r.get("loss") is not None and r["loss"] <= target), None)
+def reaching(records: list[dict], target: float) -> dict | None:
+    """The first val record whose loss is at or below target (None: never reached)."""
+    return next((r for r in records if r.get("loss") is not None and r["loss"] <= target), None)
 
 
 def _finals(runs, names) -> list[float]:
@@ -126,20 +140,21 @@ def _finals(runs, names) -> list[float]:
 
 def table_with_delta(runs: dict[str, dict[str, list[dict]]], baseline: list[str] | None = None) -> str:
     """plot_logs' table plus: final val loss minus the baseline's (the mean over the baseline's runs, by default
-    the first run), the first val step at or below the baseline's final val loss, and that step as a fraction
-    of the baseline's run length ("time to quality")."""
+    the first run), the first val step at or below the baseline's final val loss, and that step and its tokens as
+    fractions of the baseline's run ("time to quality"; tokens differ from steps where a batch ramp runs)."""
     baseline = baseline or [next(iter(runs))]
     base_finals = _finals(runs, baseline)
     target = sum(base_finals) / len(base_finals) if base_finals else None
-    base_steps = plot_logs.summarize(runs[baseline[0]])["step"]
+    base = plot_logs.summarize(runs[baseline[0]])
     lines = plot_logs.markdown_table(runs).splitlines()
-    lines[0] += " vs baseline | steps to baseline | x baseline steps |"
-    lines[1] += "---:|---:|---:|"
+    lines[0] += " vs baseline | steps to baseline | x baseline steps | x baseline tokens |"
+    lines[1] += "---:|---:|---:|---:|"
     for i, run in enumerate(runs.values(), start=2):
         final = plot_logs.summarize(run)["final_val_loss"]
-        reached = steps_to(run.get("val", []), target) if target is not None else None
+        hit = reaching(run.get("val", []), target) if target is not None else None
         lines[i] += " - |" if final is None or target is None else f" {final - target:+.4f} |"
-        lines[i] += " - | - |" if reached is None else f" {reached} | {reached / base_steps:.2f} |"
+        lines[i] += (" - | - | - |" if hit is None else
+                     f" {hit['step']} | {hit['step'] / base['step']:.2f} | {hit['tokens'] / base['tokens']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,15 +167,18 @@ def seed_table(runs: dict[str, dict[str, list[dict]]], names: dict[str, tuple[st
     base_runs = next(iter(by_config.values()))
     base_finals = _finals(runs, base_runs)
     target = sum(base_finals) / len(base_finals)
-    base_steps = plot_logs.summarize(runs[base_runs[0]])["step"]
+    base = plot_logs.summarize(runs[base_runs[0]])
     lines = ["| config | seeds | mean final val loss | seed spread | vs baseline | mean steps to baseline "
-             "| x baseline steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| x baseline steps | x baseline tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for config, run_list in by_config.items():
         finals = _finals(runs, run_list)
         mean = sum(finals) / len(finals)
-        reached = [steps_to(runs[r].get("val", []), target) for r in run_list]
-        steps = (f"{sum(reached) / len(reached):.0f} | {sum(reached) / len(reached) / base_steps:.2f}"
-                 if None not in reached else f"not all seeds ({sum(r is not None for r in reached)}/{len(reached)}) | -")
+        hits = [reaching(runs[r].get("val", []), target) for r in run_list]
+        if None in hits:
+            steps = f"not all seeds ({sum(h is not None for h in hits)}/{len(hits)}) | - | -"
+        else:
+            mean_step, mean_tokens = (sum(h[key] for h in hits) / len(hits) for key in ("step", "tokens"))
+            steps = f"{mean_step:.0f} | {mean_step / base['step']:.2f} | {mean_tokens / base['tokens']:.2f}"
         lines.append(f"| {config} | {len(finals)} | {mean:.4f} | {max(finals) - min(finals):.4f} | "
                      f"{mean - target:+.4f} | {steps} |")
     return "\n".join(lines) + "\n"

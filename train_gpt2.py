@@ -132,15 +132,19 @@ TINY = dict(
 # The switches that won their single-switch ablation on the tiny CPU setup by more than two seeds of the baseline
 # differ (BENCHMARKS.md, "Ablations"), plus Muon and the wsd schedule (ablated in the "modern" suite).
 MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True)
+# The speedruns' wins that won the `speedrun` suite on top of MODERN (BENCHMARKS.md, "speedrun").
+SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True, x0_mix=True)
 PRESETS = {
     "gpt2-124m": {},
     "gpt2-124m-modern": MODERN,
+    "gpt2-124m-speedrun": SPEEDRUN,
     "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
     "tiny-modern": {**TINY, **MODERN},
+    "tiny-speedrun": {**TINY, **SPEEDRUN},
 }
 
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
-               for name in ("tiny", "tiny-modern")}
+               for name in ("tiny", "tiny-modern", "tiny-speedrun")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
 

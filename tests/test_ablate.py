@@ -98,10 +98,11 @@ def test_unknown_suite_or_config_is_a_usage_error(capsys):
 def test_every_suite_config_is_a_valid_train_config(suite):
     for name, flags in ablate.SUITES[suite].items():
         train_gpt2.parse_config(["--preset", "tiny", *flags])  # argparse exits on an unknown flag or bad value
-    # the "modern" config written as flags is exactly the tiny-modern preset
-    as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(train_gpt2.MODERN), "--run-name", "x"])
-    preset, _ = train_gpt2.parse_config(["--preset", "tiny-modern", "--run-name", "x"])
-    assert as_flags == preset
+    # the "modern" and "speedrun" configs written as flags are exactly the tiny-modern and tiny-speedrun presets
+    for switches, name in ((train_gpt2.MODERN, "tiny-modern"), (train_gpt2.SPEEDRUN, "tiny-speedrun")):
+        as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
+        preset, _ = train_gpt2.parse_config(["--preset", name, "--run-name", "x"])
+        assert as_flags == preset
 
 
 def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:
@@ -112,13 +113,17 @@ def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:
 def test_time_to_quality_columns_by_hand(tmp_path):
     runs = {"baseline": val_run([9.0, 7.0, 6.5, 6.0]),  # ends at step 30 with 6.0
             "fast": val_run([9.0, 6.2, 5.9, 5.5]),  # first at or below 6.0 at step 20
-            "slow": val_run([9.0, 8.0, 7.0, 6.1])}  # never gets there
+            "slow": val_run([9.0, 8.0, 7.0, 6.1]),  # never gets there
+            "ramp": val_run([9.0, 7.5, 6.0, 5.8])}  # at step 20, on 1,500 tokens (a batch ramp) of the baseline's 3,000
+    for r, tokens in zip(runs["ramp"]["val"], (0, 500, 1500, 3000)):
+        r["tokens"] = tokens
     md = tmp_path / "t.md"
     md.write_text(ablate.table_with_delta(runs))
     rows = table_rows(md)
-    assert [rows[n]["steps to baseline"] for n in runs] == ["30", "20", "-"]
-    assert [rows[n]["x baseline steps"] for n in runs] == ["1.00", "0.67", "-"]
-    assert [rows[n]["vs baseline"] for n in runs] == ["+0.0000", "-0.5000", "+0.1000"]
+    assert [rows[n]["steps to baseline"] for n in runs] == ["30", "20", "-", "20"]
+    assert [rows[n]["x baseline steps"] for n in runs] == ["1.00", "0.67", "-", "0.67"]
+    assert [rows[n]["x baseline tokens"] for n in runs] == ["1.00", "0.67", "-", "0.50"]
+    assert [rows[n]["vs baseline"] for n in runs] == ["+0.0000", "-0.5000", "+0.1000", "-0.2000"]
 
 
 def test_seed_table_means_spreads_and_steps_by_hand(tmp_path):
@@ -131,6 +136,7 @@ def test_seed_table_means_spreads_and_steps_by_hand(tmp_path):
     assert rows["baseline"]["mean final val loss"] == "6.1000" and rows["baseline"]["seed spread"] == "0.2000"
     assert rows["x"]["mean final val loss"] == "5.1000" and rows["x"]["vs baseline"] == "-1.0000"
     assert rows["x"]["mean steps to baseline"] == "15" and rows["x"]["x baseline steps"] == "0.75"
+    assert rows["x"]["x baseline tokens"] == "0.75"  # val_run: 100 tokens a step
     # one baseline seed ends above the mean: not every seed of the baseline reaches it
     assert rows["baseline"]["mean steps to baseline"].startswith("not all seeds (1/2)")
 
