@@ -901,6 +901,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             trainer.step += 1
             trainer.log_step(stats)
             stopping = stats.stop
+    except DataError as e:  # damage that only shows when a shard is first read, e.g. token ids past the vocabulary
+        raise trainer.log.error(trainer.step, trainer.step * cfg.total_batch_size, trainer.elapsed(),
+                                f"{e}\nstopping without saving: the checkpoints in {trainer.run_dir} are untouched") from None
     finally:
         trainer.stop.restore()  # also after an error: the caller's handlers come back
     if summary := trainer.summary(stopping, resumed_at):
