@@ -38,8 +38,8 @@ from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file,
-                     mfu_peak, print0, remove_stale_temps, setup_distributed)
+from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, exit_once, file_sha256,
+                     load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):
@@ -917,5 +917,15 @@ def main(argv=None) -> dict:
     return train(cfg, preset)
 
 
+def cli():
+    """main() as a script: a message that stops the run is printed once, not once per torchrun rank."""
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise SystemExit(exit_once(e.code)) from None
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()
