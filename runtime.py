@@ -265,6 +265,24 @@ def remove_stale_temps(folder: str | os.PathLike):
                 os.remove(os.path.join(folder, name))
 
 
+class Sha256Writer:
+    """A write-only file-like object that hashes what passes through it into `file`: torch.save writes a checkpoint
+    sequentially, so its sha256 comes without reading the file back."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -38,8 +38,8 @@ from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, exit_once, file_sha256,
-                     load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
+from runtime import (DiskFullError, Dist, Sha256Writer, atomic_write, autocast, autocast_dtype, exit_once,
+                     file_sha256, load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):
@@ -337,16 +337,16 @@ def checkpoint_paths(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, state: dict, keep: int):
-    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256
-    goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one predates checksums."""
+    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256,
+    hashed while writing, goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one
+    predates checksums. Rank 0 calls it; the others wait at a barrier (Trainer.save_if_due)."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
     try:
         with atomic_write(path) as f:
-            torch.save(state, f)
-            f.flush()
-            digest = file_sha256(f.name)
+            writer = Sha256Writer(f)
+            torch.save(state, writer)  # the same bytes as into f, hashed on the way
             with atomic_write(path + ".sha256", "w") as s:
-                s.write(f"{digest}  {os.path.basename(path)}\n")
+                s.write(f"{writer.hexdigest()}  {os.path.basename(path)}\n")
     except DiskFullError as e:
         raise SystemExit(f"{e}\nthe checkpoints already in {run_dir} are intact: run the same command to resume "
                          "from the latest one") from None
