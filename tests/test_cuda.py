@@ -1,7 +1,7 @@
 """The CUDA tier, `pytest -m cuda` (skipped without a GPU): every GPU code path against an independent reference.
 Attention kernels against the float64 CPU reference of test_arch.py, bf16 autocast against float64, both loss
-paths (eager and compiled) against plain fp32 cross-entropy, pinned loader copies against CPU batches, and the compiled loop with
-its evaluations, in one process and under torchrun."""
+paths (eager and compiled) against plain fp32 cross-entropy, pinned loader copies against CPU batches, and the
+compiled loop with its evaluations, in one process and under torchrun."""
 
 import copy
 import functools
