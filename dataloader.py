@@ -32,6 +32,7 @@ SPLITS = ("val", "train")
 MANIFEST_KEYS = ("source", "txt_docs", "tokenizer", "dtype", "shard_size", "max_tokens", "complete", "shards")
 SHARD_KEYS = ("file", "split", "tokens", "docs", "sha256", "resume_doc", "resume_offset")
 EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
+VOCAB = 50257  # GPT-2's token ids are 0..VOCAB-1; the model's embedding has no row for a larger one
 OFFLINE_HINT = "offline or small: add `--source path/to/text.txt --txt-docs paragraphs --shard-size 100000`"
 
 
@@ -120,6 +121,15 @@ def check_shard(data_dir: str | Path, entry: dict, manifest: dict, verify: bool 
     return path
 
 
+def check_token_ids(path: str | Path, tokens: np.ndarray, data_dir: str | Path, manifest: dict) -> None:
+    """A DataError if a shard holds an id past GPT-2's vocabulary (one vectorized pass over the shard)."""
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= VOCAB:
+        raise DataError(f"shard {path} holds token id {top}, but the GPT-2 vocabulary has {VOCAB} ids "
+                        f"(0..{VOCAB - 1}): it was not written by fineweb_edu.py's GPT-2 tokenizer, or it is corrupt. "
+                        f"Delete {data_dir} and rebuild it with `{build_command(data_dir, manifest)}`")
+
+
 @functools.cache
 def token_byte_lengths() -> np.ndarray:
     """The UTF-8 byte length of every GPT-2 token id (index = id), as int64; <|endoftext|> counts 0 bytes,
@@ -183,7 +193,8 @@ class ShardLoader:
     State: epoch, shard (with shuffle, the position in that epoch's shard order) and pos (the token offset of
     the next window; with align_docs or shuffle, how many of the shard's windows were served).
     Shard headers and sizes are checked against the manifest on construction; verify=True also checks each
-    shard's sha256, which reads every shard of the split once.
+    shard's sha256, which reads every shard of the split once. A shard's token ids are checked against the
+    vocabulary the first time it is opened.
     """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
@@ -203,6 +214,7 @@ class ShardLoader:
                             f"it with a smaller --shard-size, and split a single .txt file with --txt-docs paragraphs "
                             f"(was: `{build_command(data_dir, manifest)}`)")
         self.paths = [check_shard(data_dir, s, manifest, verify) for s in entries]
+        self.data_dir, self.manifest, self._ids_checked = data_dir, manifest, set()
         self.sizes = [s["tokens"] for s in entries]
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.window = batch_size * seq_len * world_size  # tokens all ranks consume per step (+1 for the targets)
@@ -266,6 +278,9 @@ class ShardLoader:
     def _open_shard(self, index: int) -> np.ndarray:
         if self._open != index:
             self._tokens, self._open = np.load(self.paths[index], mmap_mode="r"), index
+            if index not in self._ids_checked:  # else the embedding's IndexError at the first step that reads it
+                check_token_ids(self.paths[index], self._tokens, self.data_dir, self.manifest)
+                self._ids_checked.add(index)
             self._rows = document_rows(self._tokens, self.T + 1) if self.align_docs else None
         return self._tokens
 
@@ -307,19 +322,23 @@ class ShardLoader:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Check a shard folder built by fineweb_edu.py.")
     parser.add_argument("data_dir")
-    parser.add_argument("--verify", action="store_true", help="also compare every shard's sha256 with the manifest")
+    parser.add_argument("--verify", action="store_true",
+                        help="also compare every shard's sha256 with the manifest and check its token ids")
     args = parser.parse_args()
     try:
         manifest = read_manifest(args.data_dir)
         for entry in manifest["shards"]:
-            check_shard(args.data_dir, entry, manifest, verify=args.verify)
+            path = check_shard(args.data_dir, entry, manifest, verify=args.verify)
+            if args.verify:  # it reads every shard anyway
+                check_token_ids(path, np.load(path, mmap_mode="r"), args.data_dir, manifest)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     for split in SPLITS:
         shards = [s for s in manifest["shards"] if s["split"] == split]
         tokens, docs = sum(s["tokens"] for s in shards), sum(s["docs"] for s in shards)
         print(f"{split}: {len(shards)} shards, {tokens:,} tokens, {docs:,} documents")
-    print(f"OK: {args.data_dir} ({'sha256 verified' if args.verify else 'headers and sizes; add --verify for sha256'})")
+    checked = "sha256 and token ids verified" if args.verify else "headers and sizes; add --verify for sha256"
+    print(f"OK: {args.data_dir} ({checked})")
 
 
 if __name__ == "__main__":

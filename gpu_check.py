@@ -1,6 +1,7 @@
 """The device check of one GPU machine, as one markdown table: the CUDA tests, a training step's throughput, MFU
-and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the loop runs), and how long a 124M
-checkpoint with its optimizer state takes to save.
+and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the loop runs), the same for gpt2-124m
+at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), and how long
+a 124M checkpoint with its optimizer state takes to save.
 
     python3 gpu_check.py > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
     python3 gpu_check.py --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
@@ -56,12 +57,17 @@ def bench_config(preset: str, batch_size: int, dry_run: bool):
     return parse_config(["--preset", preset, "--batch-size", str(batch_size), *(DRY_MODEL if dry_run else [])])[0]
 
 
-def train_step(cfg, device, steps: int, warmup: int) -> tuple[str, bool]:
-    """A training step's speed and memory through bench.py's bench_steps, as the loop runs on this device:
-    compiled with the full-logits loss in bf16 on CUDA, eager with the chunked loss on the CPU."""
+def loop_loss(device) -> str:
+    """The LM-head loss the loop's --chunked-loss auto takes on this device."""
+    return "full" if device.type == "cuda" else "chunked"
+
+
+def train_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str, bool]:
+    """A training step's speed and memory through bench.py's bench_steps, as the loop runs on this device
+    (compiled in bf16 on CUDA, eager on the CPU), with the full-logits or the chunked loss."""
     cuda = device.type == "cuda"
     r = bench_steps(cfg, device, autocast_dtype("auto", device), use_compile=cuda, steps=steps, warmup=warmup,
-                    loss_mode="full" if cuda else "chunked")
+                    loss_mode=loss_mode)
     result = f"{r['step_ms']:.1f} ms/step, {r['tok_per_s']:,.0f} tok/s"
     result += f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
     result += f", peak {r['mem_gb']:.2f} GiB" if r["mem_gb"] is not None else ""
@@ -96,11 +102,15 @@ def sections(args, device) -> list[tuple[str, str, callable]]:
     steps, warmup = (2, 1) if args.dry_run else (10, 3)
     tiny, dtype = " (tiny)" if args.dry_run else "", str(autocast_dtype("auto", device)).removeprefix("torch.")
     out = [("cuda tests", "`pytest -m cuda -q`", lambda: cuda_tests(args.dry_run, args.test_timeout))]
-    for preset in PRESETS:
-        for batch_size in (2, 4) if args.dry_run else (16, 64):
-            cfg = bench_config(preset, batch_size, args.dry_run)
-            setting = f"{preset}{tiny} B={batch_size} T={cfg.seq_len}, {dtype}{', compiled' * (device.type == 'cuda')}"
-            out.append(("train step", setting, lambda cfg=cfg: train_step(cfg, device, steps, warmup)))
+    batch_sizes = (2, 4) if args.dry_run else (16, 64)
+    # every preset and batch with the loop's loss, then gpt2-124m's smaller batch with the other one
+    other = "chunked" if loop_loss(device) == "full" else "full"
+    runs = [(p, b, loop_loss(device)) for p in PRESETS for b in batch_sizes] + [(PRESETS[0], batch_sizes[0], other)]
+    for preset, batch_size, loss in runs:
+        cfg = bench_config(preset, batch_size, args.dry_run)
+        setting = (f"{preset}{tiny} B={batch_size} T={cfg.seq_len}, {dtype}{', compiled' * (device.type == 'cuda')}, "
+                   f"{loss} loss")
+        out.append(("train step", setting, lambda cfg=cfg, loss=loss: train_step(cfg, device, steps, warmup, loss)))
     cfg = bench_config("gpt2-124m", 1, args.dry_run)
     out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
                 lambda: checkpoint_save(cfg, device, args.log_dir)))

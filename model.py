@@ -158,6 +158,11 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+def flex_runs(device: torch.device, start: int) -> bool:
+    """FlexAttention runs only inside torch.compile: eager, it writes out the full scores, slower than SDPA's mask."""
+    return device.type in FLEX_DEVICES and start == 0 and torch.compiler.is_compiling()
+
+
 def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None,
               docs: torch.Tensor | None = None, block_mask=None):
     """Causal attention of queries (B, H, Tq, D) at positions start.. to keys/values (B, Hkv, Tk, D) at 0..Tk-1.
@@ -170,9 +175,9 @@ def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | No
         # a prefill (start 0) is the usual causal square; a decode step (one query) sees every cached key
         assert start == 0 or q.size(2) == 1, "KV cache supports a prefill then one token at a time"
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, enable_gqa=gqa)
-    if q.device.type in FLEX_DEVICES and start == 0:  # (fp32 norms under autocast may have promoted q, k)
+    if flex_runs(q.device, start):  # (fp32 norms under autocast may have promoted q, k)
         return flex_attend(q.to(v.dtype), k.to(v.dtype), v, window, sinks, docs, block_mask)
-    # CPU/MPS (FlexAttention has no backward there) and KV-cache steps
+    # CPU/MPS (FlexAttention has no backward there), KV-cache steps and eager CUDA calls (HellaSwag, sampling)
     visible = visible_keys(q.size(2), k.size(2), start, window, docs, q.device)
     if docs is not None and sinks is None:  # a boolean mask in SDPA: several times faster on CPU than written out
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
@@ -246,7 +251,7 @@ def attention_mask(config: GPTConfig, idx, cache: "KVCache | None", windows: set
         docs = (idx == EOT).cumsum(1)
         docs = cache.update_docs(docs) if cache is not None else docs
     block_masks = {}
-    if idx.device.type in FLEX_DEVICES and start == 0:
+    if flex_runs(idx.device, start):
         flex = [w for w in windows if w or config.sinks or docs is not None]  # the layers that leave SDPA
         block_masks = {w: flex_block_mask(w, docs, idx.size(1), idx.device) for w in flex}
     return AttentionMask(docs, block_masks) if docs is not None or block_masks else None

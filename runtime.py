@@ -1,7 +1,9 @@
 """What every script shares at run time: the device and its autocast dtype (and, without CUDA, why), peak FLOPs
-for MFU, torchrun's process group, rank-0 printing and atomic file writes. Imports only torch and the standard
-library."""
+for MFU, torchrun's process group, rank-0 printing (and a stopping message once per run), atomic file writes.
+Imports only torch and the standard library."""
 
+import contextlib
+import datetime
 import errno
 import glob
 import hashlib
@@ -9,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,6 +187,38 @@ def teardown_distributed():
         dist.destroy_process_group()
 
 
+ERROR_WAIT_S = 15.0  # how long a rank other than 0 waits to learn whether rank 0 stopped with the same message
+
+
+def _agent_store(timeout_s: float):
+    """A client of torchrun's own key-value store (its agent keeps it up while ranks come and go)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def exit_once(message: str) -> str | int:
+    """The SystemExit code for a run-stopping message, printed once under torchrun rather than once per rank: rank
+    0 prints it and posts it to torchrun's store; another rank stays quiet if rank 0 posts the same message within
+    ERROR_WAIT_S (every rank hit it), and else returns it named by its rank (it alone failed: it must be seen)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "MASTER_ADDR" not in os.environ:
+        return message
+    rank = int(os.environ["RANK"])
+    key = f"exit_once/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/rank0"  # a restart starts afresh
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)  # first: torchrun kills the others once one rank has exited
+        with contextlib.suppress(Exception):  # no store: the others just say theirs too
+            _agent_store(ERROR_WAIT_S).set(key, message)
+        return 1
+    try:
+        store = _agent_store(ERROR_WAIT_S)
+        store.wait([key])
+        if store.get(key).decode() == message:
+            return 1
+    except Exception:  # rank 0 posted nothing in time (it is still running), or there is no store
+        pass
+    return f"rank {rank}: {message}"
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (every rank prints when no process group is up)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -228,6 +263,24 @@ def remove_stale_temps(folder: str | os.PathLike):
         for name in os.listdir(folder):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(folder, name))
+
+
+class Sha256Writer:
+    """A write-only file-like object that hashes what passes through it into `file`: torch.save writes a checkpoint
+    sequentially, so its sha256 comes without reading the file back."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -39,8 +39,8 @@ from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
 from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import (DiskFullError, Dist, atomic_write, autocast, autocast_dtype, file_sha256, load_torch_file,
-                     mfu_peak, print0, remove_stale_temps, setup_distributed)
+from runtime import (DiskFullError, Dist, Sha256Writer, atomic_write, autocast, autocast_dtype, exit_once,
+                     file_sha256, load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):
@@ -371,16 +371,16 @@ def checkpoint_paths(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, state: dict, keep: int):
-    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256
-    goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one predates checksums."""
+    """Atomic: write a temp file, then rename. A crash mid-write leaves the previous checkpoints intact. Its sha256,
+    hashed while writing, goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one
+    predates checksums. Rank 0 calls it; the others wait at a barrier (Trainer.save_if_due)."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
     try:
         with atomic_write(path) as f:
-            torch.save(state, f)
-            f.flush()
-            digest = file_sha256(f.name)
+            writer = Sha256Writer(f)
+            torch.save(state, writer)  # the same bytes as into f, hashed on the way
             with atomic_write(path + ".sha256", "w") as s:
-                s.write(f"{digest}  {os.path.basename(path)}\n")
+                s.write(f"{writer.hexdigest()}  {os.path.basename(path)}\n")
     except DiskFullError as e:
         raise SystemExit(f"{e}\nthe checkpoints already in {run_dir} are intact: run the same command to resume "
                          "from the latest one") from None
@@ -954,6 +954,9 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             trainer.step += 1
             trainer.log_step(stats)
             stopping = stats.stop
+    except DataError as e:  # damage that only shows when a shard is first read, e.g. token ids past the vocabulary
+        raise trainer.log.error(trainer.step, trainer.step * cfg.total_batch_size, trainer.elapsed(),
+                                f"{e}\nstopping without saving: the checkpoints in {trainer.run_dir} are untouched") from None
     finally:
         trainer.stop.restore()  # also after an error: the caller's handlers come back
     if summary := trainer.summary(stopping, resumed_at):
@@ -967,5 +970,15 @@ def main(argv=None) -> dict:
     return train(cfg, preset)
 
 
+def cli():
+    """main() as a script: a message that stops the run is printed once, not once per torchrun rank."""
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise SystemExit(exit_once(e.code)) from None
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -198,8 +198,9 @@ def test_kv_cache_generation_equals_full_rerun(switch):
 
 
 def _flex_on_cpu(monkeypatch):
-    """Run the model's CUDA attention path, FlexAttention, eagerly on the CPU (see the reference test above)."""
-    monkeypatch.setattr(model_module, "FLEX_DEVICES", ("cuda", "cpu"))
+    """Run the model's compiled-CUDA attention path, FlexAttention, eagerly on the CPU (see the reference test
+    above): every prefill takes it, as inside torch.compile on CUDA."""
+    monkeypatch.setattr(model_module, "flex_runs", lambda device, start: start == 0)
     monkeypatch.setattr("torch.nn.attention.flex_attention._validate_device", lambda *args: None)
 
 
@@ -244,9 +245,34 @@ def test_flex_block_mask_built_once_per_forward_and_window(switch, masks, monkey
     with torch.no_grad():
         flex = model(x)[0]
     assert len(built) == masks
-    monkeypatch.setattr(model_module, "FLEX_DEVICES", ())
+    monkeypatch.undo()  # the model's own rule: the CPU path
     with torch.no_grad():
         assert torch.allclose(model(x)[0], flex, atol=1e-5)  # the CPU path agrees
+
+
+@pytest.mark.parametrize("switch", [dict(window=8), dict(sinks=True), dict(doc_mask=True, n_kv_head=1)],
+                         ids=["window", "sinks", "docs-gqa"])
+def test_uncompiled_forward_on_a_flex_device_leaves_flex_attention_alone(switch, monkeypatch):
+    """On a FlexAttention device (CPU stands in for CUDA) an eager forward, as HellaSwag and sampling run, takes
+    the exact SDPA-mask / written-out path and builds no block mask; only a compiling forward takes FlexAttention."""
+    masks = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("FlexAttention called")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **switch)).eval()
+    x, _ = _batch()
+    with torch.no_grad():
+        expected = model(x)[0]
+        monkeypatch.setattr(model_module, "FLEX_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(model_module, "flex_attend", refuse)
+        monkeypatch.setattr(model_module, "flex_block_mask", lambda *args: masks.append(args))
+        assert torch.equal(model(x)[0], expected) and masks == []  # the path of a device without FlexAttention
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo reports while tracing
+        with pytest.raises(AssertionError, match="FlexAttention called"):
+            model(x)
+    assert masks  # and the block masks it needs were built first
 
 
 def test_switch_specifics():

@@ -1,7 +1,7 @@
 """The CUDA tier, `pytest -m cuda` (skipped without a GPU): every GPU code path against an independent reference.
 Attention kernels against the float64 CPU reference of test_arch.py, bf16 autocast against float64, both loss
-paths against plain fp32 cross-entropy, pinned loader copies against CPU batches, and the compiled loop with
-its evaluations, in one process and under torchrun."""
+paths (eager and compiled) against plain fp32 cross-entropy, pinned loader copies against CPU batches, and the
+compiled loop with its evaluations, in one process and under torchrun."""
 
 import copy
 import functools
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import train_gpt2
 from conftest import ROOT
 from dataloader import ShardLoader
-from model import GPT, GPTConfig, attention
+from model import GPT, GPTConfig, attention, flex_attend
 from test_arch import naive_attention
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -74,11 +74,17 @@ def cuda_inputs(leaves, dtype):
     return [t.to("cuda", dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(leaves)]
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
-@pytest.mark.parametrize("mode", ["eager-fp32", "eager-bf16", "compiled-bf16"])
-@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
-def test_attention_paths_equal_float64_reference(case, mode, exact_fp32):
-    hkv, window, use_sinks = case
+# eager attention() takes SDPA or the written-out scores (HellaSwag, sampling); compiled, FlexAttention for the
+# flex cases; flex_attend called eagerly checks FlexAttention's own numbers in fp32 and bf16 without a compile
+ATTENTION_MODES = [(name, mode) for name, case in ATTENTION_CASES.items()
+                   for mode in ("eager-fp32", "eager-bf16", "compiled-bf16")
+                   + (("flex-eager-fp32", "flex-eager-bf16") if name.startswith("flex") else ())]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # flex-eager: on purpose
+@pytest.mark.parametrize("name,mode", ATTENTION_MODES, ids=[f"{n}-{m}" for n, m in ATTENTION_MODES])
+def test_attention_paths_equal_float64_reference(name, mode, exact_fp32):
+    hkv, window, use_sinks = case = ATTENTION_CASES[name]
     leaves, grad_out, ref_out, ref_grads = attention_case(*case)
     dtype = torch.float32 if mode.endswith("fp32") else torch.bfloat16
     inputs = cuda_inputs(leaves, dtype)
@@ -86,6 +92,8 @@ def test_attention_paths_equal_float64_reference(case, mode, exact_fp32):
     if mode.startswith("compiled"):
         torch._dynamo.reset()  # a fresh graph per case, not a recompile of the last one
         fn = torch.compile(attention)
+    elif mode.startswith("flex"):
+        fn = lambda q, k, v, start, window, sinks: flex_attend(q, k, v, window, sinks)
     out = fn(*inputs[:3], 0, window, inputs[3] if use_sinks else None)
     grads = torch.autograd.grad(out, inputs, grad_out.to("cuda", out.dtype))
     assert out.dtype == dtype
@@ -112,7 +120,7 @@ def test_attention_decode_step_equals_float64_reference(case, dtype, exact_fp32)
 # ---------------------------------------------------------------------- bf16 numerics and the two loss paths
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")  # eager: never FlexAttention
 @pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-124m-modern"])
 def test_bf16_autocast_logits_of_124m_match_float64(preset):
     cfg = train_gpt2.parse_config(["--preset", preset])[0].model
@@ -128,7 +136,8 @@ def test_bf16_autocast_logits_of_124m_match_float64(preset):
     assert rel_err(logits, expected) < 0.03  # measured with CPU bf16 autocast, same rounding points: 0.008
 
 
-def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(exact_fp32):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])  # compiled: both rows of gpu_check
+def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_fp32):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_multiple=128)).cuda()
     x, y = (torch.randint(0, 50257, (4, 256), device="cuda") for _ in range(2))
@@ -145,8 +154,10 @@ def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(exact_fp32):
 
     def bf16_loss(chunk_elements):
         model.loss_chunk_elements = chunk_elements
+        torch._dynamo.reset()  # a fresh graph per loss path
+        step_model = torch.compile(model) if compiled else model
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x, y, return_logits=False)[1]
+            return step_model(x, y, return_logits=False)[1]
 
     ref_loss, ref_grads = loss_and_grads(reference)
     for name, chunk_elements in [("full", 0), ("chunked", 2**20)]:  # chunked: 20 rows a chunk, 52 chunks

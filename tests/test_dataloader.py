@@ -19,7 +19,8 @@ import torch
 
 import fineweb_edu
 import train_gpt2
-from dataloader import EOT, DataError, ShardLoader, bits_per_byte, target_bytes, token_byte_lengths
+from conftest import run
+from dataloader import EOT, VOCAB, DataError, ShardLoader, bits_per_byte, sha256_file, target_bytes, token_byte_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 4000
@@ -306,6 +307,38 @@ def test_damaged_header_manifest_and_checksum(data_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="unfinished build: finish it with `python fineweb_edu.py --out"):
         ShardLoader(copy, "train", 2, 8)
+
+
+def test_token_id_past_the_vocabulary_names_shard_and_rebuild(tmp_path):
+    good = [EOT] + list(range(1, 300))
+    data = write_shards(tmp_path / "hand", [good, good[:100] + [VOCAB + 43] + good[100:]])
+    loader = ShardLoader(data, "train", 2, 8)
+    for _ in range(18):  # the first shard's 18 windows: its ids are fine, <|endoftext|> (the largest) included
+        loader.next_batch()
+    with pytest.raises(DataError) as err:
+        loader.next_batch()
+    message = str(err.value)
+    for part in (f"shard {data / 'hand_000002.npy'} holds token id {VOCAB + 43}", f"vocabulary has {VOCAB} ids",
+                 f"Delete {data} and rebuild it with `python fineweb_edu.py --out {data}"):
+        assert part in message, part
+    # `dataloader.py --verify` checks the ids of every shard (with the shards' real sha256s in the manifest)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["sha256"] = sha256_file(data / entry["file"])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "dataloader.py", "--verify", str(data)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and f"holds token id {VOCAB + 43}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_on_a_shard_with_a_bad_id_stops_with_its_message(tmp_path):
+    data = write_shards(tmp_path / "hand", [[EOT] + list(range(1, 299)) + [VOCAB]])
+    with pytest.raises(SystemExit) as err:  # the message, not the embedding's IndexError at step 1
+        run(str(data), tmp_path, "--max-steps", "2")
+    message = str(err.value.code)
+    assert f"shard {data / 'hand_000001.npy'} holds token id {VOCAB}" in message and "rebuild it with" in message
+    assert f"error: {message}" in (tmp_path / "run" / "log.txt").read_text()
+    assert not list((tmp_path / "run").glob("ckpt_*.pt"))
 
 
 def test_source_without_train_split(tmp_path, shakespeare_path):

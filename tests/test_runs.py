@@ -131,9 +131,13 @@ def test_checkpoint_without_checksum_still_loads_with_a_warning(shards, tmp_path
     assert f"resumed from {run / 'ckpt_0000004.pt'} at step 4" in out
 
 
-def test_checksum_is_the_files_sha256(shards, tmp_path):
+def test_checksum_is_the_files_sha256(shards, tmp_path, monkeypatch):
     import hashlib
 
+    def read_back(path):
+        raise AssertionError(f"{path} read back to hash it")
+
+    monkeypatch.setattr(train_gpt2, "file_sha256", read_back)  # hashed while written: the file is read once, on load
     train_gpt2.main(args(shards, tmp_path, "--stop-at", "2"))
     ckpt = tmp_path / "r" / "ckpt_0000002.pt"
     digest, name = (tmp_path / "r" / "ckpt_0000002.pt.sha256").read_text().split()

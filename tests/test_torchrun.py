@@ -1,6 +1,7 @@
 """torchrun and the device set-up: without a usable GPU, --device auto (or cuda) stops before any work with one
-message that says why and how to fix it; SIGTERM to torchrun (a spot reclaim) checkpoints at a step all ranks
-agreed on, and resuming gives the loss curve of a run that never stopped."""
+message that says why and how to fix it, as does an error every rank hits (while one rank's own failure still
+shows); SIGTERM to torchrun (a spot reclaim) checkpoints at a step all ranks agreed on, and resuming gives the loss
+curve of a run that never stopped."""
 
 import json
 import os
@@ -53,6 +54,36 @@ def test_auto_device_without_cuda_stops_every_rank_with_one_message(shards, tmp_
                  "[tool.uv.sources]"):
         assert part in message, part
     assert not (tmp_path / "run").exists()  # stopped before any work: no run folder, config or checkpoint
+
+
+def test_a_stopping_error_of_every_rank_is_printed_once(tmp_path):
+    missing = tmp_path / "no_data"
+    proc = run_torchrun(torchrun_cmd(str(missing), tmp_path, "run", "--max-steps", "2"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"no data folder {missing}") == 1, output[-3000:]  # rank 0's; rank 1 saw the same: quiet
+    assert "rank 1:" not in output and 'train_gpt2.py", line' not in output  # a message, no traceback of ours
+
+
+@pytest.fixture
+def agent_store(monkeypatch):
+    """torchrun's store and environment, as rank 0 and rank 1 of a 2-rank run see them, in this process."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runtime, "ERROR_WAIT_S", 0.5)
+    return store
+
+
+def test_exit_once_keeps_a_failure_of_one_rank_visible(agent_store, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert runtime.exit_once("disk full on node 2") == "rank 1: disk full on node 2"  # rank 0 runs on: it alone failed
+    monkeypatch.setenv("RANK", "0")
+    assert runtime.exit_once("no data folder x") == 1
+    assert capsys.readouterr().err == "no data folder x\n"  # printed by rank 0 itself, before it exits
+    monkeypatch.setenv("RANK", "1")
+    assert runtime.exit_once("no data folder x") == 1  # the message rank 0 printed: quiet
+    assert runtime.exit_once("bad checkpoint on node 2") == "rank 1: bad checkpoint on node 2"
 
 
 @pytest.fixture
