@@ -913,6 +913,8 @@ class Trainer:
         self.result["train_loss"] = s.loss
         schedules = {"batch_tokens": s.tokens} if cfg.batch_ramp_start else {}
         schedules |= {"window": window_at(cfg, self.step - 1)} if cfg.window_start else {}
+        loads = self.raw_model.moe_loads() if hasattr(self.raw_model, "moe_loads") else None
+        schedules |= {"moe_loads": loads} if loads is not None else {}  # per layer, each expert's token fraction
         self.event("train", loss=s.loss, lr=lr, grad_norm=s.grad_norm, dt_ms=s.seconds * 1000, tok_per_s=tok_per_s,
                    mfu=mfu, mem_gb=mem, **schedules)
         self.pace.update(s.seconds)

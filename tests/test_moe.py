@@ -157,5 +157,8 @@ def test_resume_is_bit_identical_with_moe(shards, tmp_path):
                            if r["kind"] == "train"]
     assert len(losses("straight")) == 4
     assert losses("straight") == losses("resumed")  # the routing biases travel in the checkpoint
+    for r in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl")):
+        if r["kind"] == "train":  # 2 layers of 4 experts, each layer's top-2 choices: fractions summing to 1
+            assert len(r["moe_loads"]) == 2 and all(len(f) == 4 and abs(sum(f) - 1) < 1e-3 for f in r["moe_loads"])
     ckpt = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)
     assert ckpt["model"]["transformer.h.0.mlp.route_bias"].abs().sum() > 0
