@@ -83,18 +83,18 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "anchors": [*MODERN_BEFORE, "--muon-split", "1", "--muon-ns", "polar", *MUON_CAUTIOUS_WD, "--muon-normuon", "1",
                     *ANCHOR_ADAM_LRS],
     },
-    # the 124M speedruns' wins (modded-nanogpt, nanochat), each on top of the modern preset, then the chosen set
-    # (the tiny-speedrun preset's switches). window-ramp is for FineWeb's long documents: tiny-shakespeare's
+    # the 124M speedruns' wins (modded-nanogpt, nanochat), each on top of the modern preset as the `muon` suite
+    # found it, then the chosen set (the tiny-speedrun preset's switches). window-ramp is for FineWeb's long documents: tiny-shakespeare's
     # (~47 tokens) fit in the smallest window, so there it can only cost
     "speedrun": {
         "baseline": [],
-        "modern": flags(MODERN),
-        "docs": [*flags(MODERN), "--doc-mask", "1", "--align-docs", "1"],
-        "value-embeds": [*flags(MODERN), "--value-embeds", "1"],
-        "unet": [*flags(MODERN), "--unet", "1"],
-        "x0-mix": [*flags(MODERN), "--x0-mix", "1"],
-        "batch-ramp": [*flags(MODERN), "--batch-size", "4", "--batch-ramp-start", "0.25"],
-        "window-ramp": [*flags(MODERN), "--window", "64", "--window-start", "16"],
+        "modern": MODERN_BEFORE,
+        "docs": [*MODERN_BEFORE, "--doc-mask", "1", "--align-docs", "1"],
+        "value-embeds": [*MODERN_BEFORE, "--value-embeds", "1"],
+        "unet": [*MODERN_BEFORE, "--unet", "1"],
+        "x0-mix": [*MODERN_BEFORE, "--x0-mix", "1"],
+        "batch-ramp": [*MODERN_BEFORE, "--batch-size", "4", "--batch-ramp-start", "0.25"],
+        "window-ramp": [*MODERN_BEFORE, "--window", "64", "--window-start", "16"],
         "speedrun": flags(SPEEDRUN),
     },
     # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
