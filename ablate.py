@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import plot_logs
-from train_gpt2 import MODERN, SPEEDRUN
+from train_gpt2 import EDM2, HYPERSPHERE, MODERN, SPEEDRUN
 
 TRAIN = Path(__file__).resolve().parent / "train_gpt2.py"
 
@@ -111,6 +111,20 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "baseline": [],
         "swiglu-oss": ["--mlp", "swiglu-oss"],
         "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
+    },
+    # the roadmap's pieces against the baseline: the modern preset, gpt-oss's experts (the moe suite's, at the dense
+    # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
+    # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
+    # --weight-decay after `--`, which would override them) and at the baseline's
+    "roadmap": {
+        "baseline": [],
+        "modern": flags(MODERN),
+        "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
+        "manifold": [*flags(MODERN), "--muon-manifold", "stiefel"],
+        "edm2": flags(EDM2),
+        "hypersphere": flags(HYPERSPHERE),
+        "edm2-baseline": ["--mode", "edm2"],
+        "hypersphere-baseline": ["--mode", "hypersphere"],
     },
 }
 

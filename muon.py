@@ -14,11 +14,13 @@ Switches, all off by default:
 - normuon: NorMuon's per-row (or per-column) second-moment normalization of the orthogonalized update.
 - fixed_norm (MuonH, "hyperball"): after each update every matrix is scaled back to the Frobenius norm it had
   before its first step, so the weights move on a sphere and the update size stays relative to the weight.
+- manifold.ManifoldMuon (manifold Muon) replaces update_blocks: every matrix stays on the Stiefel manifold.
 
 Under DDP the gradients are already averaged, so every rank keeps all momentum buffers (cheap, and rank 0's
 checkpoint is complete). The blocks are stacked by shape; each rank orthogonalizes its share of every stack
 and one all_gather per shape (in bf16, the iteration's own precision: nothing is rounded) shares the results,
-so the collectives per step are the number of distinct shapes, not of matrices.
+so the collectives per step are the number of distinct shapes, not of matrices (map_stacks; manifold Muon's
+steps are shared the same way, in fp32).
 
 set_adamw_lrs gives the AdamW beside Muon its own lrs for the embeddings, the head and the 1-D parameters.
 """
@@ -59,28 +61,34 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, method: str = "ns5") -> torch
     return (x if wide else x.mT).to(g.dtype)
 
 
-def orthogonalize_all(matrices: list[torch.Tensor], steps: int, method: str) -> list[torch.Tensor]:
-    """orthogonalize() of every matrix, in bf16. Under DDP, same-shape matrices are stacked, each rank takes its
-    share of every stack, and one all_gather per shape gives every rank all results."""
+def map_stacks(fn, matrices: list[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """fn of every stack of same-shape inputs: matrices[i] holds matrix i's inputs (each of its shape), fn takes
+    one stack per input and returns the stack of results, in dtype. Under DDP each rank takes its share of every
+    stack and one all_gather per shape gives every rank all results."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     by_shape: dict[tuple, list[int]] = {}
-    for i, m in enumerate(matrices):  # first-seen order: the same on every rank
-        by_shape.setdefault(tuple(m.shape), []).append(i)
+    for i, inputs in enumerate(matrices):  # first-seen order: the same on every rank
+        by_shape.setdefault(tuple(inputs[0].shape), []).append(i)
     results = [None] * len(matrices)
     for shape, indices in by_shape.items():
-        stack = torch.stack([matrices[i] for i in indices]).bfloat16()
+        stacks = [torch.stack([matrices[i][k] for i in indices]).to(dtype) for k in range(len(matrices[indices[0]]))]
         if distributed:
             share = -(-len(indices) // world)  # zero padding fills the last ranks' shares
-            stack = torch.cat([stack, stack.new_zeros(share * world - len(indices), *shape)])
-            out = stack.new_empty(stack.shape)
-            dist.all_gather_into_tensor(out, orthogonalize(stack[rank * share : (rank + 1) * share], steps, method))
+            stacks = [torch.cat([s, s.new_zeros(share * world - len(indices), *shape)]) for s in stacks]
+            out = stacks[0].new_empty(stacks[0].shape)
+            dist.all_gather_into_tensor(out, fn(*(s[rank * share : (rank + 1) * share] for s in stacks)).to(dtype))
             stack = out
         else:
-            stack = orthogonalize(stack, steps, method)
+            stack = fn(*stacks).to(dtype)
         for k, i in enumerate(indices):
             results[i] = stack[k]
     return results
+
+
+def orthogonalize_all(matrices: list[torch.Tensor], steps: int, method: str) -> list[torch.Tensor]:
+    """orthogonalize() of every matrix, in bf16 (the iteration's own precision: gathering loses nothing)."""
+    return map_stacks(lambda stack: orthogonalize(stack, steps, method), [(m,) for m in matrices], torch.bfloat16)
 
 
 def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -167,12 +175,17 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             blocks = [(p, j, rows) for p in params for j, rows in enumerate(self.row_blocks(p))]
             nesterov = {p: self.momentum_step(p, group) for p in params}
-            updates = orthogonalize_all([nesterov[p][rows] for p, _, rows in blocks], group["ns_steps"], group["ns"])
-            for (p, j, rows), update in zip(blocks, updates):
-                self.apply_update(p, j, rows, update, group)
+            self.update_blocks(blocks, [nesterov[p][rows] for p, _, rows in blocks], group)
             if group["fixed_norm"]:
                 for p in params:
                     p.mul_(self.state[p]["norm"] / p.norm())
+
+    def update_blocks(self, blocks: list[tuple], momenta: list[torch.Tensor], group):
+        """Every block's step from its Nesterov momentum (the seam manifold.ManifoldMuon replaces): orthogonalized,
+        then applied."""
+        updates = orthogonalize_all(momenta, group["ns_steps"], group["ns"])
+        for (p, j, rows), update in zip(blocks, updates):
+            self.apply_update(p, j, rows, update, group)
 
     def momentum_step(self, p, group) -> torch.Tensor:
         state = self.state[p]

@@ -38,6 +38,7 @@ from dataloader import DataError, ShardLoader, bits_per_byte, read_manifest, tar
 from ema import PowerEMA, remove_snapshots_after, save_snapshot
 from constrained import build_model
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
+from manifold import ManifoldMuon
 from muon import Muon, fused_row_splits, set_adamw_lrs
 from runtime import (DiskFullError, Dist, Sha256Writer, atomic_write, autocast, autocast_dtype, exit_once,
                      file_sha256, load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
@@ -67,8 +68,9 @@ class TrainConfig:
     # optimizer and schedule (GPT-3 small hyper-parameters)
     max_lr: float = 6e-4
     min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio at max_steps
-    schedule: str = choice("cosine", "wsd")  # wsd: warm-up, stable, linear decay over the last decay_frac of the steps
-    decay_frac: float = 0.2
+    schedule: str = choice("cosine", "wsd", "invsqrt")  # wsd: warm-up, stable, decay; invsqrt: EDM2's (see lr_at)
+    decay_frac: float = 0.2  # wsd: the last fraction of the steps, over which the lr decays linearly
+    decay_ref_steps: int = 100  # invsqrt: the lr is 1 / sqrt(max(step / decay_ref_steps, 1)) of its peak
     warmup_steps: int = 715
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
     stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
@@ -93,6 +95,8 @@ class TrainConfig:
     muon_cautious_wd: bool = False  # decay only the entries where the update and the weight have the same sign
     muon_normuon: bool = False  # NorMuon: per-row second-moment normalization of the orthogonalized update
     muon_beta2: float = 0.95  # NorMuon's second-moment EMA (nanochat 0.95, modded-nanogpt 0.9)
+    muon_manifold: str = choice("none", "stiefel")  # stiefel: manifold Muon, every Muon matrix (block) semi-orthogonal
+    muon_manifold_iters: int = 10  # stiefel's dual-ascent steps; 0: cheap: tangent-projected momentum, msign, retract
     # peak lrs of the AdamW groups (0: max_lr); the schedule scales them like max_lr. The anchors, with the
     # embedding RMS-normalized after the lookup (unlike GPT-2's): nanochat embed 0.3, head 0.008, scalars 0.5
     # (embed and head times (n_embd / 768) ** -0.5); modded-nanogpt Adam 0.008, scalars 5x that
@@ -134,6 +138,17 @@ TINY = dict(
 MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True)
 # The speedruns' wins that won the `speedrun` suite on top of MODERN (BENCHMARKS.md, "speedrun").
 SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True, x0_mix=True)
+# The constrained modes at their papers' settings, scaled to TINY's 300 steps.
+EDM2 = dict(
+    mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
+    beta2=0.99,  # EDM2's Adam betas (0.9, 0.99)
+    max_lr=1e-3,  # EDM2's 1e-2 on unit-RMS weight entries, on our unit-norm rows of 128: 1e-2 / sqrt(128)
+    decay_ref_steps=20, warmup_steps=2,  # EDM2's t_ref 70k and 10 Mimg ramp-up of its ~1M steps, of 300
+)
+HYPERSPHERE = dict(
+    mode="hypersphere", warmup_steps=0, weight_decay=0.0,  # nGPT (Loshchilov et al. 2024): no warm-up, no decay
+    max_lr=1.5e-3,  # nGPT's reported lr (15e-4, its 0.5B model)
+)
 PRESETS = {
     "gpt2-124m": {},
     "gpt2-124m-modern": MODERN,
@@ -141,10 +156,12 @@ PRESETS = {
     "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
     "tiny-modern": {**TINY, **MODERN},
     "tiny-speedrun": {**TINY, **SPEEDRUN},
+    "tiny-edm2": {**TINY, **EDM2},
+    "tiny-hypersphere": {**TINY, **HYPERSPHERE},
 }
 
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
-               for name in ("tiny", "tiny-modern", "tiny-speedrun")}
+               for name in PRESETS if name.startswith("tiny")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
 
@@ -155,8 +172,9 @@ RESUME_MUST_MATCH = (
     "window_start", "window_ramp_frac", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
-    "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "adam_embed_lr", "adam_head_lr",
-    "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every", "seed",
+    "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "muon_manifold",
+    "muon_manifold_iters", "adam_embed_lr", "adam_head_lr", "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every",
+    "decay_ref_steps", "seed",
 )
 
 
@@ -207,7 +225,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
     cfg.run_name = cfg.run_name or args.preset
     if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
         parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
-    muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2")
+    muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2",
+                     "muon_manifold", "muon_manifold_iters")
     changed = [k for k in muon_switches if getattr(cfg, k) != getattr(defaults, k)]
     if changed and cfg.optimizer != "muon":
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)} need --optimizer muon")
@@ -217,11 +236,33 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
         parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
     if not 0 <= cfg.muon_beta2 < 1 or min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) < 0:
         parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
+    check_manifold(parser, cfg, defaults)
+    if cfg.decay_ref_steps < 1:
+        parser.error(f"--decay-ref-steps must be >= 1, got {cfg.decay_ref_steps}")
     if not 0 <= cfg.ema_sigma_rel <= 0.3:
         parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")
     return cfg, args.preset
+
+
+def check_manifold(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
+    """--muon-manifold stiefel fixes every Muon matrix's singular values at 1: switches that set norms or reshape
+    the update have no meaning on it."""
+    if cfg.muon_manifold_iters < 0:
+        parser.error(f"--muon-manifold-iters must be >= 0, got {cfg.muon_manifold_iters}")
+    if cfg.muon_manifold == "none":
+        if cfg.muon_manifold_iters != defaults.muon_manifold_iters:
+            parser.error("--muon-manifold-iters needs --muon-manifold stiefel")
+        return
+    clashes = {"--muon-weight-decay": cfg.muon_weight_decay, "--muon-fixed-norm": cfg.muon_fixed_norm,
+               "--muon-normuon": cfg.muon_normuon, "--muon-ns": cfg.muon_ns != defaults.muon_ns,
+               "--zero-init": cfg.model.zero_init, "--mode": cfg.model.mode != "gpt2"}
+    if any(clashes.values()):
+        parser.error(f"--muon-manifold stiefel keeps every Muon matrix semi-orthogonal, which "
+                     f"{', '.join(k for k, v in clashes.items() if v)} would fight or make meaningless (the manifold "
+                     "sets the norms and has its own fp32 iteration, a zero matrix has no polar factor, edm2 and "
+                     "hypersphere renormalize rows)")
 
 
 # ---------------------------------------------------------------------- logging
@@ -296,7 +337,11 @@ class Pace:
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """The schedule's shape: the multiplier of every peak lr (max_lr, muon_lr) at step. Linear warm-up, then cosine
     decay to min_lr_ratio at max_steps; or, for wsd, 1 until the last decay_frac of the steps and a linear decay
-    to the same end."""
+    to the same end; or, for invsqrt, EDM2's 1 / sqrt(max(step / decay_ref_steps, 1)) (Karras et al. 2024) times
+    the warm-up's ramp, as EDM2 has it (min_lr_ratio plays no part)."""
+    if cfg.schedule == "invsqrt":
+        ramp = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        return ramp / math.sqrt(max(step / cfg.decay_ref_steps, 1.0))
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
@@ -338,10 +383,12 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[tor
         set_adamw_lrs(adamw, model, cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr)
     optimizers = [adamw]
     if cfg.optimizer == "muon":
-        optimizers.append(Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm,
-                               ns=cfg.muon_ns, weight_decay=cfg.muon_weight_decay, cautious_wd=cfg.muon_cautious_wd,
-                               normuon=cfg.muon_normuon, beta2=cfg.muon_beta2,
-                               row_splits=fused_row_splits(model) if cfg.muon_split else None))
+        options = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm, ns=cfg.muon_ns,
+                       weight_decay=cfg.muon_weight_decay, cautious_wd=cfg.muon_cautious_wd, normuon=cfg.muon_normuon,
+                       beta2=cfg.muon_beta2, row_splits=fused_row_splits(model) if cfg.muon_split else None)
+        # the Stiefel optimizer projects the matrices onto their manifold as it is built
+        optimizers.append(ManifoldMuon(hidden, manifold_iters=cfg.muon_manifold_iters, **options)
+                          if cfg.muon_manifold == "stiefel" else Muon(hidden, **options))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

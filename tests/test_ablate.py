@@ -103,6 +103,11 @@ def test_every_suite_config_is_a_valid_train_config(suite):
         as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
         preset, _ = train_gpt2.parse_config(["--preset", name, "--run-name", "x"])
         assert as_flags == preset
+    # and the roadmap's faithful edm2 and hypersphere configs are exactly their presets
+    for name, values in (("edm2", train_gpt2.EDM2), ("hypersphere", train_gpt2.HYPERSPHERE)):
+        assert ablate.SUITES["roadmap"][name] == ablate.flags(values)
+        as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(values), "--run-name", "x"])
+        assert as_flags == train_gpt2.parse_config([f"--preset=tiny-{name}", "--run-name", "x"])[0]
 
 
 def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:

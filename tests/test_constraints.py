@@ -217,3 +217,15 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
     run_loop(shards, tmp_path, "--max-steps", "8", "--val-every", "0", "--checkpoint-every", "1", "--keep-checkpoints",
              "0", "--ema-sigma-rel", "0.1", "--ema-snapshot-every", "2", "--resume", earlier, "--stop-at", "5", name="every")
     assert sorted(p.name for p in (tmp_path / "every" / "ema").iterdir()) == ["ema_0000002.pt", "ema_0000004.pt"]
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("tiny-edm2", dict(mode="edm2", schedule="invsqrt", beta2=0.99, weight_decay=0.0, max_lr=1e-3, decay_ref_steps=20)),
+    ("tiny-hypersphere", dict(mode="hypersphere", warmup_steps=0, weight_decay=0.0, max_lr=1.5e-3)),
+])
+def test_faithful_presets_set_their_papers_values(preset, expected):
+    cfg, _ = train_gpt2.parse_config(["--preset", preset])
+    values = {**vars(cfg), **vars(cfg.model)}
+    assert {k: values[k] for k in expected} == expected
+    assert values["n_embd"] == 128 and values["max_steps"] == 300  # on the tiny model and budget
+    assert preset in train_gpt2.PRESET_DATA  # the data hint of a missing data_dir covers it

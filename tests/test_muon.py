@@ -275,3 +275,16 @@ def test_wsd_schedule_matches_its_formula():
     assert lr_at(cfg, 50) == 1.0 and lr_at(cfg, 80) == 1.0  # stable until the last 20 steps
     assert lr_at(cfg, 90) == pytest.approx(0.55)  # halfway down the linear decay from 1.0 to 0.1
     assert lr_at(cfg, 100) == pytest.approx(0.1)
+
+
+def test_invsqrt_schedule_matches_edm2_formula():
+    # EDM2: lr = peak / sqrt(max(t / t_ref, 1)), times the ramp-up min(1, (t + 1) / warmup)
+    cfg = TrainConfig(schedule="invsqrt", max_lr=1.0, warmup_steps=4, decay_ref_steps=10, max_steps=100)
+    assert lr_at(cfg, 0) == pytest.approx(0.25) and lr_at(cfg, 3) == 1.0  # the ramp
+    assert lr_at(cfg, 10) == 1.0  # flat until the reference step
+    assert lr_at(cfg, 40) == pytest.approx(0.5) and lr_at(cfg, 90) == pytest.approx(1 / 3)  # 1 / sqrt(4), 1 / sqrt(9)
+    assert lr_at(cfg, 1000) == pytest.approx(0.1)  # past max_steps too: no floor (min_lr_ratio plays no part)
+    no_ramp = TrainConfig(schedule="invsqrt", warmup_steps=0, decay_ref_steps=10)
+    assert lr_at(no_ramp, 0) == 1.0 and lr_at(no_ramp, 160) == pytest.approx(0.25)
+    ramp_past_reference = TrainConfig(schedule="invsqrt", warmup_steps=56, decay_ref_steps=3)
+    assert lr_at(ramp_past_reference, 27) == pytest.approx(0.5 / 3)  # both at once (28 / 56, 1 / sqrt(9)), as in EDM2
