@@ -30,7 +30,7 @@ from runtime import autocast_dtype, pick_device
 from train_gpt2 import build_optimizers, parse_config, rng_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
-PRESETS = ["gpt2-124m", "gpt2-124m-modern"]
+PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
 DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
 
 

@@ -25,12 +25,13 @@ def test_dry_run_prints_every_row(tmp_path):
         ("cuda tests", "`pytest -m cuda -q`"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("train step", "gpt2-124m (tiny) B=4 T=32"),
         ("train step", "gpt2-124m-modern (tiny) B=2 T=32"), ("train step", "gpt2-124m-modern (tiny) B=4 T=32"),
+        ("train step", "gpt2-124m-speedrun (tiny) B=2 T=32"), ("train step", "gpt2-124m-speedrun (tiny) B=4 T=32"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("checkpoint save", "gpt2-124m (tiny) model + AdamW state")]
     # the loop's loss on this device (chunked on the CPU), then the other one for gpt2-124m at the small batch
-    assert [setting.split(", ")[-1] for _, setting, _, _ in rows[1:6]] == ["chunked loss"] * 4 + ["full loss"]
+    assert [setting.split(", ")[-1] for _, setting, _, _ in rows[1:8]] == ["chunked loss"] * 6 + ["full loss"]
     assert rows[0][2].endswith("skipped") and "failed" not in rows[0][2]  # the GPU tests, collected and skipped
-    assert all("ms/step" in result and "tok/s" in result for _, _, result, _ in rows[1:6])
-    assert "MB in" in rows[6][2]
+    assert all("ms/step" in result and "tok/s" in result for _, _, result, _ in rows[1:8])
+    assert "MB in" in rows[8][2]
     assert all(float(seconds) >= 0 for *_, seconds in rows)
     assert list(tmp_path.iterdir()) == []  # the timed checkpoints are gone
     assert "[gpu_check] checkpoint save" in proc.stderr  # progress, with each section's time, on stderr
@@ -47,5 +48,5 @@ def test_failed_section_is_reported_and_the_rest_still_runs(tmp_path, monkeypatc
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows[0][2] == "1 failed: tests/test_cuda.py::x"
-    assert all(r[2] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 6.00 GiB" for r in rows[1:6])
-    assert "MB in" in rows[6][2] and "a check FAILED" in out
+    assert all(r[2] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 6.00 GiB" for r in rows[1:8])
+    assert "MB in" in rows[8][2] and "a check FAILED" in out
