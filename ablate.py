@@ -118,9 +118,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
     # --weight-decay after `--`, which would override them) and at the baseline's
     "roadmap": {
         "baseline": [],
-        "modern": flags(MODERN),
+        "modern": MODERN_BEFORE,
         "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
-        "manifold": [*flags(MODERN), "--muon-manifold", "stiefel"],
+        "manifold": [*MODERN_BEFORE, "--muon-manifold", "stiefel"],
         "edm2": flags(EDM2),
         "hypersphere": flags(HYPERSPHERE),
         "edm2-baseline": ["--mode", "edm2"],
