@@ -38,7 +38,7 @@ def flags(values: dict) -> list[str]:
     pairs = [("--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v)) for k, v in values.items()]
     return [arg for pair in pairs for arg in pair]
 
-# the modern preset before the `muon` suite (pinned: that suite's baseline must not move when MODERN does)
+# the modern preset before the `muon` suite, pinned: the muon, speedrun and roadmap suites measured on top of it
 MODERN_BEFORE = flags(dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True))
 MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  # nanochat's default weight decay
 # modded-nanogpt's Adam lrs (0.008, scalars 5x); nanochat's (embed 0.3, head 0.008, scalars 0.5) are for an
