@@ -96,6 +96,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "batch-ramp": [*MODERN_BEFORE, "--batch-size", "4", "--batch-ramp-start", "0.25"],
         "window-ramp": [*MODERN_BEFORE, "--window", "64", "--window-start", "16"],
         "speedrun": flags(SPEEDRUN),
+        "speedrun-x0": [*flags(SPEEDRUN), "--x0-mix", "1"],  # and x0 mixing, which alone did not beat the noise
     },
     # weight constraints against the baseline and Muon; every run also evaluates a power-function EMA of its weights
     "constraints": {

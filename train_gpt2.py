@@ -138,7 +138,7 @@ TINY = dict(
 # orthogonalized apart (the one option of the "muon" suite that won beyond its seed spread).
 MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True, muon_split=True)
 # The speedruns' switches that won the "speedrun" suite on top of the modern preset (BENCHMARKS.md, "speedrun").
-SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True, x0_mix=True)
+SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True)
 # The constrained modes at their papers' settings, scaled to TINY's 300 steps.
 EDM2 = dict(
     mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
