@@ -66,7 +66,7 @@ class GPTConfig:
     # embedding table of its own to its attention values, gated per kv head (2 sigmoid(linear), 1 at init: nanochat)
     value_embeds: bool = False
     unet: bool = False  # block j's output (first half) is added to block L-1-j's input, weight learned (1 at init)
-    x0_mix: bool = False  # each block's input is a * x + b * x0 (x0: the embedding), a, b learned per block, 1 and 0 at init
+    x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding); a, b learned per block, 1 and 0 at init
     # a weight-constrained variant instead of GPT-2 (built by constrained.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -555,7 +555,8 @@ class GPT(nn.Module):
         """Training FLOPs per token, the usual 6N + 12*L*C*T: 2 (multiply-add) x 3 (forward, and backward
         for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked).
         N counts matmul weights only: the position and value-embedding tables (and an untied token table), biases
-        and norms do no matmul. Sliding windows skip some attention work that this count (like MFU conventions) still includes."""
+        and norms do no matmul. Sliding windows skip some attention work that this count (like MFU conventions)
+        still includes."""
         c = self.config
         lookups = [m.weight.numel() for m in self.modules()  # a tied token table is the head: a matmul
                    if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight]

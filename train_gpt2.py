@@ -75,8 +75,8 @@ class TrainConfig:
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
     stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
     # the speedruns' growing batch and window (0: off), functions of the step, so a resumed run follows them exactly
-    batch_ramp_start: float = 0.0  # > 0: a step's tokens rise from this fraction of total_batch_size to all of it; lrs x sqrt(fraction)
-    batch_ramp_frac: float = 0.25  # ... linearly over this fraction of max_steps (in whole micro-batches)
+    batch_ramp_start: float = 0.0  # > 0: a step's tokens rise from this share of total_batch_size; lrs x sqrt(share)
+    batch_ramp_frac: float = 0.25  # ... to all of it, linearly over this fraction of max_steps (whole micro-batches)
     window_start: int = 0  # > 0: the windowed layers' window rises from this to --window, in multiples of this
     window_ramp_frac: float = 1.0  # ... linearly over this fraction of max_steps
     weight_decay: float = 0.1
@@ -353,13 +353,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.min_lr_ratio)
 
 
+def ramp_progress(cfg: TrainConfig, step: int, frac: float) -> float:
+    """How far a ramp over the first frac of max_steps is at step: 0 at step 0, 1 from round(frac * max_steps) on."""
+    return min(1.0, step / max(1, round(frac * cfg.max_steps)))
+
+
 def micro_steps(cfg: TrainConfig, step: int, grad_accum: int) -> int:
     """The micro-batches of a step: grad_accum, or with the batch ramp batch_ramp_start of them (at least one) at
     step 0, rising linearly to grad_accum at batch_ramp_frac * max_steps."""
     if not cfg.batch_ramp_start:
         return grad_accum
-    progress = min(1.0, step / max(1, round(cfg.batch_ramp_frac * cfg.max_steps)))
-    fraction = cfg.batch_ramp_start + progress * (1.0 - cfg.batch_ramp_start)
+    fraction = cfg.batch_ramp_start + ramp_progress(cfg, step, cfg.batch_ramp_frac) * (1.0 - cfg.batch_ramp_start)
     return max(1, min(grad_accum, round(fraction * grad_accum)))
 
 
@@ -369,8 +373,7 @@ def window_at(cfg: TrainConfig, step: int) -> int:
     each is a recompile under torch.compile)."""
     if not cfg.window_start:
         return cfg.model.window
-    progress = min(1.0, step / max(1, round(cfg.window_ramp_frac * cfg.max_steps)))
-    window = cfg.window_start + progress * (cfg.model.window - cfg.window_start)
+    window = cfg.window_start + ramp_progress(cfg, step, cfg.window_ramp_frac) * (cfg.model.window - cfg.window_start)
     return int(window // cfg.window_start * cfg.window_start)
 
 
@@ -870,10 +873,15 @@ class Trainer:
     def event(self, kind: str, **values):
         self.log.event(kind, self.step, self.tokens(), self.elapsed(), **values)
 
+    def follow_schedules(self):
+        """The window schedule's window for this step, before its evaluations and its training (so a resumed run
+        evaluates with the window the uninterrupted run had)."""
+        if self.cfg.window_start:
+            self.raw_model.set_window(window_at(self.cfg, self.step))
+
     def evaluate_if_due(self, stopping: bool):
         """val loss (and the EMA's), HellaSwag and samples, each on its own cadence."""
         cfg, d, step, due, result = self.cfg, self.d, self.step, self.cadence, self.result
-        self.raw_model.set_window(window_at(cfg, step))  # what this step trains with (the same after a resume)
         if due.evaluation_due(cfg.val_every, step, stopping):
             result["val_loss"], bpb = val_loss(self.model, self.val_loader, self.val_batches, self.dtype, d)
             self.event("val", loss=result["val_loss"], bpb=bpb)
@@ -916,7 +924,6 @@ class Trainer:
         """The step's micro-steps (grad_accum, fewer early in a batch ramp) with the gradients all-reduced on the
         last one only, then every optimizer's step."""
         cfg, d, accum = self.cfg, self.d, micro_steps(self.cfg, self.step, self.grad_accum)
-        self.raw_model.set_window(window_at(cfg, self.step))
         t0 = time.time()
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
@@ -996,6 +1003,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
     try:
         while True:
             stopping = stopping or (trainer.d.world_size == 1 and trainer.stop.requested)
+            trainer.follow_schedules()
             trainer.evaluate_if_due(stopping)
             trainer.save_if_due(stopping)
             if trainer.cadence.last(trainer.step) or stopping:
@@ -1005,8 +1013,8 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             trainer.log_step(stats)
             stopping = stats.stop
     except DataError as e:  # damage that only shows when a shard is first read, e.g. token ids past the vocabulary
-        raise trainer.log.error(trainer.step, trainer.step * cfg.total_batch_size, trainer.elapsed(),
-                                f"{e}\nstopping without saving: the checkpoints in {trainer.run_dir} are untouched") from None
+        raise trainer.log.error(trainer.step, trainer.tokens(), trainer.elapsed(), f"{e}\nstopping without saving: "
+                                f"the checkpoints in {trainer.run_dir} are untouched") from None
     finally:
         trainer.stop.restore()  # also after an error: the caller's handlers come back
     if summary := trainer.summary(stopping, resumed_at):

@@ -71,6 +71,18 @@ def test_ranks_split_the_single_rank_batch(data_dir, world_size):
     assert single.epoch == 1 and all(r.state_dict() == single.state_dict() for r in ranks)
 
 
+def assert_restores(loader, states, batches, at, count: int):
+    """A fresh loader() given states[k] (through JSON: plain ints survive it) serves batches[k : k + count]."""
+    for k in at:
+        state = json.loads(json.dumps(states[k]))
+        assert all(type(v) is int for v in states[k].values())
+        restored = loader()
+        restored.load_state_dict(state)
+        for x, y in batches[k : k + count]:
+            rx, ry = restored.next_batch()
+            assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
 def test_state_dict_restores_exactly(data_dir):
     def loader():
         return ShardLoader(data_dir, "train", 3, 8, rank=1, world_size=2)
@@ -80,14 +92,7 @@ def test_state_dict_restores_exactly(data_dir):
         states.append(first.state_dict())
         batches.append(first.next_batch())
     assert first.epoch == 1
-    for k in (0, 1, 82, 83, 84, 249, 497, 498, 510):
-        state = json.loads(json.dumps(states[k]))  # plain ints survive JSON
-        assert all(type(v) is int for v in states[k].values())
-        restored = loader()
-        restored.load_state_dict(state)
-        for x, y in batches[k : k + 5]:
-            rx, ry = restored.next_batch()
-            assert torch.equal(rx, x) and torch.equal(ry, y)
+    assert_restores(loader, states, batches, (0, 1, 82, 83, 84, 249, 497, 498, 510), count=5)
     with pytest.raises(ValueError, match="does not fit"):
         loader().load_state_dict({"shard": 99, "pos": 0, "epoch": 0})
 
@@ -204,14 +209,7 @@ def test_state_dict_restores_exactly_with_options(data_dir, options):
         states.append(first.state_dict())
         batches.append(first.next_batch())
     ends = [k for k in range(1, len(states)) if states[k]["shard"] != states[k - 1]["shard"]]
-    for k in [0, 1, len(states) // 2, *ends[:2], ends[-1], len(states) - 3]:
-        state = json.loads(json.dumps(states[k]))
-        assert all(type(v) is int for v in states[k].values())
-        restored = loader()
-        restored.load_state_dict(state)
-        for x, y in batches[k : k + 3]:
-            rx, ry = restored.next_batch()
-            assert torch.equal(rx, x) and torch.equal(ry, y)
+    assert_restores(loader, states, batches, [0, 1, len(states) // 2, *ends[:2], ends[-1], len(states) - 3], count=3)
     # a state of other options (or of a checkpoint from before them: no keys, both off) is refused
     other = loader(align_docs=not options.get("align_docs", False))
     with pytest.raises(ValueError, match="other data options"):
