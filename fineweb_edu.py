@@ -62,8 +62,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from dataloader import MANIFEST, SPLITS, DataError, check_shard, load_manifest, sha256_file
-from runtime import DiskFullError, atomic_write
+from gpt2.dataloader import MANIFEST, SPLITS, DataError, check_shard, load_manifest, sha256_file
+from gpt2.runtime import DiskFullError, atomic_write
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 DEFAULT_SOURCE = "fineweb-edu:sample-10BT"

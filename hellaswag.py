@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_model
-from model import GPT
-from runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
+from gpt2.checkpoint import load_model
+from gpt2.hf_io import from_pretrained
+from gpt2.runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None):
 
     d = setup_distributed(args.device)  # under torchrun: one process per device, examples split across ranks
     try:
-        model = GPT.from_pretrained(args.model) if args.model else load_model(args.checkpoint)
+        model = from_pretrained(args.model) if args.model else load_model(args.checkpoint)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     model = model.to(d.device).eval()

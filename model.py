@@ -4,8 +4,8 @@ the chunked training loss and FLOP counts.
 Imports only torch and the standard library. No training code lives here.
 The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
 turned on alone and compared against the baseline (see README "Modern options").
-Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights (hf_io.py)
-is a rename-free copy. The weight-constrained variants (constrained.py) subclass these classes and override
+Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights
+is a rename-free copy (gpt2/hf_io.py). The weight-constrained variants (constrained.py) subclass these classes and override
 their seams: the `linear` and `make_norm` factories, the sublayers' and Block's forward (the residual update),
 GPT.Block, embed, head_weight, no_decay_params and after_step.
 """
@@ -50,7 +50,7 @@ class GPTConfig:
     # gelu | relu2 (relu squared) | swiglu (hidden width 8/3 n_embd: the same parameter count) | swiglu-oss (gpt-oss's
     # clamped SwiGLU variant, the same width)
     mlp: str = "gelu"
-    # mixture of experts (moe.py; built by constrained.build_model): moe_experts MLPs of width (dense width) / top_k,
+    # mixture of experts (moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width) / top_k,
     # each token goes to its top_k; 0 = the dense MLP. top_k 1 leaves the router without gradient (softmax of one)
     moe_experts: int = 0
     moe_top_k: int = 2
@@ -67,7 +67,7 @@ class GPTConfig:
     value_embeds: bool = False
     unet: bool = False  # block j's output (first half) is added to block L-1-j's input, weight learned (1 at init)
     x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding); a, b learned per block, 1 and 0 at init
-    # a weight-constrained variant instead of GPT-2 (built by constrained.build_model; they replace `norm` and
+    # a weight-constrained variant instead of GPT-2 (built by gpt2.models.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
     mp_blend: float = 0.3  # edm2: residual x <- mp_sum(x, block(x), mp_blend)
@@ -562,22 +562,6 @@ class GPT(nn.Module):
                    if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight]
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
-
-    # ------------------------------------------------------------------ HF-layout weights (hf_io.py)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, vocab_multiple: int = 1) -> "GPT":
-        """OpenAI GPT-2 weights in the HF layout: a directory written by transformers' save_pretrained
-        (or by export_hf), or a hub name such as 'gpt2' (needs transformers and internet)."""
-        import hf_io  # safetensors (and transformers for the hub) only when weights are interchanged
-
-        return hf_io.from_pretrained(cls, name_or_dir, vocab_multiple)
-
-    def export_hf(self, out_dir: str):
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
-        import hf_io
-
-        hf_io.export_hf(self, out_dir)
 
 
 # ---------------------------------------------------------------------- KV cache, sampling

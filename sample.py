@@ -10,14 +10,14 @@ one random generator seeded with --seed, so a command prints the same text every
 
 import argparse
 import codecs
-import sys
 
 import tiktoken
 import torch
 
-from checkpoint import load_model
+from gpt2.checkpoint import load_model
+from gpt2.hf_io import from_pretrained
+from gpt2.runtime import autocast, autocast_dtype, pick_device
 from model import GPT
-from runtime import autocast, autocast_dtype, pick_device
 
 
 def stream_text(token_ids, enc: tiktoken.Encoding):
@@ -33,7 +33,7 @@ def stream_text(token_ids, enc: tiktoken.Encoding):
 
 def load(args) -> GPT:
     try:
-        return GPT.from_pretrained(args.model) if args.model else load_model(args.checkpoint)
+        return from_pretrained(args.model) if args.model else load_model(args.checkpoint)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

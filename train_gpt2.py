@@ -34,14 +34,27 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from dataloader import DataError, ShardLoader, bits_per_byte, read_manifest, target_bytes
-from ema import PowerEMA, remove_snapshots_after, save_snapshot
-from constrained import build_model
+from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, read_manifest, target_bytes
+from gpt2.ema import PowerEMA, remove_snapshots_after, save_snapshot
+from gpt2.manifold import ManifoldMuon
+from gpt2.models import build_model
+from gpt2.muon import Muon, fused_row_splits, set_adamw_lrs
+from gpt2.runtime import (
+    DiskFullError,
+    Dist,
+    Sha256Writer,
+    atomic_write,
+    autocast,
+    autocast_dtype,
+    exit_once,
+    file_sha256,
+    load_torch_file,
+    mfu_peak,
+    print0,
+    remove_stale_temps,
+    setup_distributed,
+)
 from model import ARCH_CHOICES, GPT, LOSS_CHUNK_ELEMENTS, GPTConfig
-from manifold import ManifoldMuon
-from muon import Muon, fused_row_splits, set_adamw_lrs
-from runtime import (DiskFullError, Dist, Sha256Writer, atomic_write, autocast, autocast_dtype, exit_once,
-                     file_sha256, load_torch_file, mfu_peak, print0, remove_stale_temps, setup_distributed)
 
 
 def choice(*values: str):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import ablate
 import train_gpt2
+from tools import ablate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # a very small model on few tokens, after `--`: applies to every config

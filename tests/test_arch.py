@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from constrained import build_model
 import model as model_module
+from gpt2.hf_io import export_hf
+from gpt2.models import build_model
 from model import EOT, GPT, MLP, GPTConfig, apply_rope, attention, flex_attend, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
@@ -296,7 +297,7 @@ def test_switch_specifics():
     no_bias = GPT(GPTConfig(**SMALL, bias=False))
     assert not any(n.endswith(".bias") for n, _ in no_bias.named_parameters())
     with pytest.raises(ValueError, match="HF GPT-2 layout"):
-        rope.export_hf("/nonexistent")
+        export_hf(rope, "/nonexistent")
     assert GPTConfig(**SMALL, doc_mask=True).is_gpt2  # no weight changes: exported, it is evaluated per document
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(**SMALL, n_kv_head=3)

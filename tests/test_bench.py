@@ -2,7 +2,7 @@
 
 import re
 
-import bench
+from tools import bench
 
 
 def test_bench_cpu_reports_step_and_loader_figures(capsys):

@@ -13,13 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import ema
 import hellaswag
 import train_gpt2
 from conftest import ROOT
-from constrained import ConstrainedLinear, EDM2GPT, HypersphereGPT, build_model
+from gpt2 import ema
+from gpt2.constrained import EDM2GPT, ConstrainedLinear, HypersphereGPT
+from gpt2.models import build_model
+from gpt2.muon import Muon
 from model import ARCH_CHOICES, GPT, GPTConfig
-from muon import Muon
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 LOOP = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",

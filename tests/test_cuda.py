@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_arch import naive_attention
 
 import train_gpt2
 from conftest import ROOT
-from dataloader import ShardLoader
+from gpt2.dataloader import ShardLoader
 from model import GPT, GPTConfig, attention, flex_attend
-from test_arch import naive_attention
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -20,7 +20,16 @@ import torch
 import fineweb_edu
 import train_gpt2
 from conftest import run
-from dataloader import EOT, VOCAB, DataError, ShardLoader, bits_per_byte, sha256_file, target_bytes, token_byte_lengths
+from gpt2.dataloader import (
+    EOT,
+    VOCAB,
+    DataError,
+    ShardLoader,
+    bits_per_byte,
+    sha256_file,
+    target_bytes,
+    token_byte_lengths,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 4000
@@ -289,7 +298,7 @@ def test_damaged_header_manifest_and_checksum(data_dir, tmp_path):
     ShardLoader(copy, "train", 2, 8)  # size and header are fine: only the full check can tell
     with pytest.raises(DataError, match=rf"{named} does not match its sha256"):
         ShardLoader(copy, "train", 2, 8, verify=True)
-    verify = [sys.executable, "dataloader.py", "--verify", str(copy)]
+    verify = [sys.executable, "-m", "gpt2.dataloader", "--verify", str(copy)]
     run = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, check=False)
     assert run.returncode != 0 and str(shard) in run.stderr and "Traceback" not in run.stderr
     shard.write_bytes(original)
@@ -324,7 +333,7 @@ def test_token_id_past_the_vocabulary_names_shard_and_rebuild(tmp_path):
     for entry in manifest["shards"]:
         entry["sha256"] = sha256_file(data / entry["file"])
     (data / "manifest.json").write_text(json.dumps(manifest))
-    proc = subprocess.run([sys.executable, "dataloader.py", "--verify", str(data)], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "gpt2.dataloader", "--verify", str(data)], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 1 and f"holds token id {VOCAB + 43}" in proc.stderr and "Traceback" not in proc.stderr
 

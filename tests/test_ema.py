@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from ema import PowerEMA, gamma_to_sigma_rel, posthoc_reconstruct, posthoc_weights, sigma_rel_to_gamma
+from gpt2.ema import PowerEMA, gamma_to_sigma_rel, posthoc_reconstruct, posthoc_weights, sigma_rel_to_gamma
 
 
 def weighted_average(thetas: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-import gpu_check
 from conftest import ROOT
+from tools import gpu_check
 
 
 def table_rows(markdown: str) -> list[list[str]]:
@@ -16,7 +16,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_dry_run_prints_every_row(tmp_path):
-    cmd = [sys.executable, "gpu_check.py", "--dry-run", "--device", "cpu", "--log-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--dry-run", "--device", "cpu", "--log-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"## gpu_check: cpu (dry run), torch {torch.__version__}")

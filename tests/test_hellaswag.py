@@ -10,9 +10,10 @@ import pytest
 import tiktoken
 import torch
 
-import checkpoint
 import hellaswag
 from conftest import spawn_ranks
+from gpt2 import checkpoint
+from gpt2.hf_io import export_hf
 from model import GPT, GPTConfig
 
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
@@ -118,7 +119,7 @@ def test_one_example_per_forward_equals_one_ending_at_a_time(model, fixture_exam
 
 def test_scores_match_transformers(model, fixture_examples, val_examples, tmp_path):
     transformers = pytest.importorskip("transformers")
-    model.export_hf(tmp_path / "hf")
+    export_hf(model, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     examples = fixture_examples + val_examples[:10]
     ref_sums, ref_means = reference_scores(lambda idx: hf(idx).logits, examples)

@@ -6,9 +6,9 @@ import torch
 
 import train_gpt2
 from conftest import SMALL, metrics, run, spawn_ranks
-from constrained import build_model
-from manifold import ManifoldMuon, project, tangent_direction
-from muon import fused_row_splits
+from gpt2.manifold import ManifoldMuon, project, tangent_direction
+from gpt2.models import build_model
+from gpt2.muon import fused_row_splits
 
 STEPS = ["--max-steps", "30", "--val-every", "30", "--sample-every", "0", "--checkpoint-every", "0",
          "--optimizer", "muon", "--muon-manifold", "stiefel"]

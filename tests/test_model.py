@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from gpt2.hf_io import export_hf, from_pretrained
+from gpt2.runtime import peak_flops
 from model import GPT, GPTConfig, chunked_cross_entropy, sample_next
-from runtime import peak_flops
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 
@@ -48,7 +49,7 @@ def assert_same_as_hf(ours, hf, x):
 def test_hf_to_ours_logits_and_loss_match(tmp_path):
     hf = hf_random_model()
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     assert_same_as_hf(ours, hf, tokens(3, 50))
 
 
@@ -56,11 +57,11 @@ def test_hf_to_ours_logits_and_loss_match(tmp_path):
 def test_ours_to_hf_export_loads_in_transformers(tmp_path, vocab_multiple):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**SMALL, vocab_multiple=vocab_multiple)).eval()
-    ours.export_hf(str(tmp_path))
+    export_hf(ours, str(tmp_path))
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     assert_same_as_hf(ours, hf, tokens(2, 64))
     # and back again: lossless for every real weight (padded embedding rows are not exported)
-    again = GPT.from_pretrained(str(tmp_path), vocab_multiple=vocab_multiple)
+    again = from_pretrained(str(tmp_path), vocab_multiple=vocab_multiple)
     for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a[:50257], b[:50257]), k
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import train_gpt2
-from constrained import build_model
+from gpt2.models import build_model
+from gpt2.moe import MoE, MoEGPT
 from model import GPT, GPTConfig
-from moe import MoE, MoEGPT
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 LOOP = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt2
+from gpt2.muon import Muon, fused_row_splits, normuon, orthogonalize
 from model import GPT, GPTConfig
-from muon import Muon, fused_row_splits, normuon, orthogonalize
 from train_gpt2 import TrainConfig, build_optimizers, lr_at, parse_config
 
 

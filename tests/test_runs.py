@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import ema
 import fineweb_edu
-import checkpoint
 import hellaswag
 import train_gpt2
 from conftest import ROOT
+from gpt2 import checkpoint, ema
 
 TINY = ["--preset", "tiny", "--run-name", "r", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
         "--seq-len", "32", "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0",

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-import runtime
 from conftest import ROOT
+from gpt2 import runtime
 
 # a very small model on few tokens, as in test_train.py: these tests are about the launcher, not the model
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",

@@ -18,7 +18,7 @@ tracks a second EMA of half the width and writes both to logs/<run>/ema/ every N
 steps with 20 snapshot steps: two widths fit the profiles of sigma_rel 0.05-0.2 to 0.0-1.5%, one width alone
 only to 6-14%), and afterwards
 
-    python ema.py logs/<run> --sigma-rel 0.07 [--step S]     # -> logs/<run>/ema_0.070_<S>.pt
+    python -m gpt2.ema logs/<run> --sigma-rel 0.07 [--step S]     # -> logs/<run>/ema_0.070_<S>.pt
 
 writes the reconstructed weights as a checkpoint that `hellaswag.py --checkpoint` reads.
 
@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from runtime import atomic_write, load_torch_file
+from gpt2.runtime import atomic_write, load_torch_file
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2 (root of gamma^2 + 3 gamma + 1,
 # where d/dgamma log sigma_rel = 0), then falls towards 0; the EMAs worth having live on the falling branch
@@ -222,7 +222,7 @@ def main(argv=None) -> str:
     coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], step, args.sigma_rel)
     tensors = posthoc_reconstruct([e for _, _, e in snaps], coefficients)
 
-    from checkpoint import model_from_config  # only the CLI needs the model
+    from gpt2.checkpoint import model_from_config  # only the CLI needs the model
 
     config = files[-1]["model_config"]
     model = model_from_config(config)

@@ -11,8 +11,8 @@ import os
 import torch
 from safetensors.torch import load_file, save
 
+from gpt2.runtime import atomic_write
 from model import GPT, GPTConfig
-from runtime import atomic_write
 
 # the OpenAI releases, as HF names them
 PRETRAINED = {
@@ -42,14 +42,15 @@ def read_hf(name_or_dir: str) -> tuple[dict, dict]:
     return hf_model.config.to_dict(), hf_model.state_dict()
 
 
-def from_pretrained(cls: type[GPT], name_or_dir: str, vocab_multiple: int = 1) -> GPT:
-    """A `cls` (GPT) holding the weights of read_hf(name_or_dir); see GPT.from_pretrained."""
+def from_pretrained(name_or_dir: str, vocab_multiple: int = 1) -> GPT:
+    """OpenAI GPT-2 weights in the HF layout as a GPT: a directory written by transformers' save_pretrained (or
+    by export_hf), or a hub name such as 'gpt2' (needs transformers and internet)."""
     hf, sd = read_hf(name_or_dir)
     config = GPTConfig(
         block_size=hf["n_positions"], vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple,
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
     )
-    model = cls(config)
+    model = GPT(config)
     load_hf_state_dict(model, sd)
     return model
 

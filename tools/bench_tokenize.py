@@ -1,6 +1,6 @@
 """Tokenizer throughput: fineweb_edu.py's batched pipeline vs a naive one-document-per-task Pool.imap.
 
-    python bench_tokenize.py --source ../shared/data/tinyshakespeare/input.txt
+    python -m tools.bench_tokenize --source ../shared/data/tinyshakespeare/input.txt
 
 Input: the source's documents, repeated until they hold about --tokens GPT-2 tokens. A single .txt file is cut
 at paragraph boundaries into documents of about --doc-chars characters (default 4,000: FineWeb-Edu documents

@@ -3,8 +3,8 @@ and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the lo
 at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), and how long
 a 124M checkpoint with its optimizer state takes to save.
 
-    python3 gpu_check.py > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
-    python3 gpu_check.py --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
+    python3 -m tools.gpu_check > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
+    python3 -m tools.gpu_check --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
 
 Needs what the test suite needs (torch, numpy, tiktoken, pytest and the test data that tests/conftest.py names),
 not datasets, uv or the internet. Exits 1 if a check failed; the table still comes out.
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_steps, sync
-from constrained import build_model
-from runtime import autocast_dtype, pick_device
+from gpt2.models import build_model
+from gpt2.runtime import autocast_dtype, pick_device
+from tools.bench import bench_steps, sync
 from train_gpt2 import build_optimizers, parse_config, rng_state, save_checkpoint
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
 DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
 

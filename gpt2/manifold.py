@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from muon import POLAR_EXPRESS, Muon, map_stacks
+from gpt2.muon import POLAR_EXPRESS, Muon, map_stacks
 
 # the dual step, for a momentum scaled to singular values of RMS 1 (the reference: 0.01 with 100 iterations on raw
 # gradients); measured on random tall and wide shapes from 32 to 512, 10 iterations take the violation below 1e-3

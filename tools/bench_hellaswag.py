@@ -1,8 +1,8 @@
 """Examples/s of the batched HellaSwag evaluation against the plain loop of one example per forward pass.
 Random-init weights: the speed does not depend on them (and the two must agree on every prediction).
 
-    uv run python bench_hellaswag.py --data ../shared/data/hellaswag/hellaswag_val.jsonl --limit 200
-    python bench_hellaswag.py --data ../shared/data/hellaswag/hellaswag_val.jsonl --config 124m \\
+    uv run python -m tools.bench_hellaswag --data ../shared/data/hellaswag/hellaswag_val.jsonl --limit 200
+    python -m tools.bench_hellaswag --data ../shared/data/hellaswag/hellaswag_val.jsonl --config 124m \\
         --device cuda --dtype bfloat16 --compile --limit 0 --baseline-limit 500
 """
 
@@ -14,8 +14,8 @@ import time
 import torch
 
 import hellaswag
+from gpt2.runtime import autocast_dtype
 from model import GPT, GPTConfig
-from runtime import autocast_dtype
 
 CONFIGS = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
 

@@ -4,7 +4,7 @@ A shard folder (built by fineweb_edu.py) holds uint16 `.npy` token shards and `m
 lists every shard (file, split, tokens, docs, sha256). `ShardLoader` memory-maps the shards of one
 split and serves batches for one rank of a data-parallel run, optionally in rows aligned to document
 starts and in a seeded shuffled order; its state (shard, pos, epoch) restores exactly. Check a folder by
-hand with `python dataloader.py DIR [--verify]`. `target_bytes` and `bits_per_byte` turn a summed val loss
+hand with `python -m gpt2.dataloader DIR [--verify]`. `target_bytes` and `bits_per_byte` turn a summed val loss
 into bits per UTF-8 byte of text, a figure that does not depend on the tokenizer.
 
 torch is imported inside ShardLoader only: fineweb_edu.py imports the manifest helpers below, and the

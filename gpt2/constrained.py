@@ -6,8 +6,8 @@
   learned per-dimension step sizes and scales (nGPT, Loshchilov et al. 2024, "nGPT: Normalized Transformer").
 
 Each is a set of subclasses of model.py's attention, MLP, Block and GPT that override their seams; module and
-parameter names (and their creation order) are part of the checkpoint format. build_model is the one place that
-reads `mode` (and `moe_experts`).
+parameter names (and their creation order) are part of the checkpoint format. models.build_model is the one
+place that reads `mode` (and `moe_experts`).
 """
 
 import math
@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, LOSS_CHUNK_ELEMENTS, MLP, SWIGLU_OSS_LIMIT, Block, CausalSelfAttention, GPTConfig, swiglu_oss
-from moe import MoEGPT
 
 # ---------------------------------------------------------------------- shared pieces
 
@@ -247,15 +246,3 @@ class HypersphereGPT(ConstrainedGPT):
     def head_weight(self) -> torch.Tensor:
         return unit(self.lm_head.weight) * (self.logit_scale * math.sqrt(self.config.n_embd))[:, None]
 
-
-# ---------------------------------------------------------------------- picking the model
-
-MODELS = {"gpt2": GPT, "edm2": EDM2GPT, "hypersphere": HypersphereGPT}
-
-
-def build_model(config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> GPT:
-    """The model that config.mode names: GPT-2 itself or one of the constrained variants above; GPT-2 with
-    mixture-of-experts MLPs (moe.py) when config.moe_experts > 0."""
-    if config.moe_experts:
-        return MoEGPT(config, loss_chunk_elements)
-    return MODELS[config.mode](config, loss_chunk_elements)

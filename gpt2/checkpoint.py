@@ -4,9 +4,9 @@ for hellaswag.py, sample.py and ema.py."""
 
 import os
 
-from constrained import build_model
+from gpt2.models import build_model
+from gpt2.runtime import load_torch_file
 from model import GPT, GPTConfig
-from runtime import load_torch_file
 
 
 def model_from_config(model_config: dict) -> GPT:

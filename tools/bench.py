@@ -1,8 +1,8 @@
 """Throughput of a training step (forward + backward + optimizer) and of the data loader alone.
 
-    python bench.py --preset tiny --device cpu --loss both            # chunked vs full-logits loss
-    python bench.py --preset gpt2-124m --batch-size 64                   # one GPU: bf16, compiled
-    python bench.py --preset gpt2-124m-modern --batch-size 64            # any train_gpt2.py flag works too
+    python -m tools.bench --preset tiny --device cpu --loss both            # chunked vs full-logits loss
+    python -m tools.bench --preset gpt2-124m --batch-size 64                   # one GPU: bf16, compiled
+    python -m tools.bench --preset gpt2-124m-modern --batch-size 64            # any train_gpt2.py flag works too
 
 
 Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from constrained import build_model
+from gpt2.models import build_model
+from gpt2.runtime import autocast, autocast_dtype, mfu_peak, pick_device
 from model import LOSS_CHUNK_ELEMENTS
-from runtime import autocast, autocast_dtype, mfu_peak, pick_device
 from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
 
@@ -68,8 +68,8 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
 def bench_loader(cfg: TrainConfig, device, data_dir: str | None, seconds: float = 3.0) -> float:
     """Batches/s of ShardLoader.next_batch including the copy to the device. Without --data-dir it reads
     shards of random words in a temporary folder (the loader's speed does not depend on the text)."""
-    from dataloader import ShardLoader
     from fineweb_edu import build
+    from gpt2.dataloader import ShardLoader
 
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:  # ~8 batches of random words, in paragraphs of 100 words

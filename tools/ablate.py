@@ -1,10 +1,10 @@
 """Ablations: train a suite of configs on the same data, seed and token budget, then overlay them.
 
-    python ablate.py modern --data-dir data/shakespeare -- --dtype bfloat16 --max-steps 300
-    python ablate.py arch --data-dir data/shakespeare --only baseline,rope,swiglu
-    python ablate.py arch --preset gpt2-124m --data-dir data/fineweb_edu --launcher "torchrun --nproc-per-node=8"
-    python ablate.py modern --plot-only
-    python ablate.py modern --data-dir data/shakespeare --seeds 1337,2     # every config from two inits
+    python -m tools.ablate modern --data-dir data/shakespeare -- --dtype bfloat16 --max-steps 300
+    python -m tools.ablate arch --data-dir data/shakespeare --only baseline,rope,swiglu
+    python -m tools.ablate arch --preset gpt2-124m --data-dir data/fineweb_edu --launcher "torchrun --nproc-per-node=8"
+    python -m tools.ablate modern --plot-only
+    python -m tools.ablate modern --data-dir data/shakespeare --seeds 1337,2     # every config from two inits
 
 Each config of SUITES[suite] runs as its own train_gpt2.py process (fresh memory, nothing leaks from one
 run into the next) with the flags
@@ -30,7 +30,7 @@ from pathlib import Path
 import plot_logs
 from train_gpt2 import EDM2, HYPERSPHERE, MODERN, SPEEDRUN
 
-TRAIN = Path(__file__).resolve().parent / "train_gpt2.py"
+TRAIN = Path(__file__).resolve().parent.parent / "train_gpt2.py"
 
 
 def flags(values: dict) -> list[str]:
