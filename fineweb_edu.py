@@ -62,7 +62,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from gpt2.dataloader import MANIFEST, SPLITS, DataError, check_shard, load_manifest, sha256_file
+from gpt2.dataloader import (MANIFEST, OFFLINE_HINT, SPLITS, DataError, check_shard, gpt2_tokenizer, load_manifest,
+                             sha256_file)
 from gpt2.runtime import DiskFullError, atomic_write
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
@@ -133,7 +134,7 @@ def _hub_documents(name: str, config: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(HUB_DATASETS[name], name=config, split="train", streaming=True)
     except Exception as e:  # noqa: BLE001 (no network, unknown config, ...: say which, without a traceback)
-        raise SystemExit(f"error: cannot stream {HUB_DATASETS[name]} config {config!r}: {e}") from None
+        raise SystemExit(f"error: cannot stream {HUB_DATASETS[name]} config {config!r}: {e}; {OFFLINE_HINT}") from None
     for batch in ds.select_columns("text").iter(batch_size=1024):
         yield from batch["text"]
 
@@ -180,7 +181,8 @@ def list_hub_files(name: str, config: str, endpoint: str | None = None) -> list[
     try:
         tree = list(HfApi(endpoint=endpoint).list_repo_tree(repo, folder, recursive=True, repo_type="dataset"))
     except Exception as e:  # noqa: BLE001 (no network, unknown config, ...: say which, without a traceback)
-        raise SystemExit(f"error: cannot list {folder}/ of {repo} on the hub (config {config!r}): {e}") from None
+        raise SystemExit(f"error: cannot list {folder}/ of {repo} on the hub (config {config!r}): {e}; "
+                         f"{OFFLINE_HINT}") from None
     files = sorted((f for f in tree if isinstance(f, RepoFile) and f.path.endswith(".parquet")), key=lambda f: f.path)
     if not files:
         raise SystemExit(f"error: {repo} has no parquet files under {folder}/: is {config!r} one of its configs?")
@@ -506,8 +508,12 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
     if txt_docs not in TXT_DOCS:
         raise SystemExit(f"error: --txt-docs must be one of {TXT_DOCS}")
     src = resolve_source(source, txt_docs)
+    eot = gpt2_tokenizer().eot_token  # before any folder or download: offline without its cache, say so first
     workers = workers or os.cpu_count()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; it names the folder the shards go to (a text file to "
+                         f"tokenize is --source {out})")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": src.spec, "txt_docs": txt_docs, "tokenizer": "gpt2", "dtype": "uint16",
                 "shard_size": shard_size, "max_tokens": max_tokens}
@@ -531,7 +537,7 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
         hub_files = hub_files or list_hub_files(name, config, hub_endpoint)
         hub = HubFiles(name, hub_files, out / DOWNLOAD_DIR, hub_endpoint, downloads)
     extra = {"hub_files": hub_files} if hub_files else {}  # kept by a --max-tokens run, for a later full one
-    writer = _ShardWriter(out, src.prefix, settings, shards, tiktoken.get_encoding("gpt2").eot_token, extra)
+    writer = _ShardWriter(out, src.prefix, settings, shards, eot, extra)
     if shards:
         print(f"keeping {len(shards)} shards ({writer.tokens:,} tokens) of the previous run")
     if old:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2.checkpoint import load_model
+from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
 from gpt2.runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
 
@@ -108,7 +109,7 @@ def _parse_example(line: str, where: str) -> dict:
 
 @functools.cache
 def _tokenizer() -> tiktoken.Encoding:
-    return tiktoken.get_encoding("gpt2")
+    return gpt2_tokenizer()
 
 
 @functools.lru_cache(maxsize=1 << 16)  # repeated evaluations during training tokenize only once

@@ -15,6 +15,7 @@ import tiktoken
 import torch
 
 from gpt2.checkpoint import load_model
+from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
 from gpt2.runtime import autocast, autocast_dtype, pick_device
 from model import GPT
@@ -65,9 +66,9 @@ def main(argv=None):
     if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 0 or args.num_samples < 1:
         p.error("--temperature, --top-k and --max-new-tokens must be >= 0, --num-samples >= 1")
 
+    enc = gpt2_tokenizer()  # before the model: offline without its cache, say so first
     device = pick_device(args.device)
     model = load(args).to(device).eval()
-    enc = tiktoken.get_encoding("gpt2")
     idx = torch.tensor([prompt_ids(args.prompt, enc, args.max_new_tokens, model.config.block_size)], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with autocast(device, autocast_dtype(args.dtype, device)):

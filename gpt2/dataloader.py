@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,10 @@ def load_manifest(data_dir: str | Path) -> dict | None:
 
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a finished build, or a DataError that says how to build one."""
+    if Path(data_dir).is_file():  # e.g. the text itself: it is fineweb_edu.py's --source, not the shards
+        raise DataError(f"--data-dir {data_dir} is a file; it takes a folder of token shards. Build one from this "
+                        f"text with `python fineweb_edu.py --source {data_dir} --txt-docs paragraphs --shard-size "
+                        f"100000 --out data/{Path(data_dir).stem}` and pass --data-dir data/{Path(data_dir).stem}")
     if not Path(data_dir).is_dir():
         raise DataError(f"no data folder {data_dir}: build it with `{build_command(data_dir)}` "
                         f"(FineWeb-Edu from the Hugging Face hub); {OFFLINE_HINT}")
@@ -130,13 +135,25 @@ def check_token_ids(path: str | Path, tokens: np.ndarray, data_dir: str | Path, 
                         f"Delete {data_dir} and rebuild it with `{build_command(data_dir, manifest)}`")
 
 
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding. tiktoken downloads it once into its cache; offline without that cache this
+    stops with one line that says how to provide it, instead of a chain of network tracebacks."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # noqa: BLE001 (requests' ConnectionError, a timeout, a bad proxy...: all say the same)
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "its cache folder"
+        raise SystemExit(f"error: the GPT-2 tokenizer is not in {cache} and could not be downloaded "
+                         f"({type(e).__name__}): connect once to the internet, or set TIKTOKEN_CACHE_DIR to a folder "
+                         "holding tiktoken's gpt2 files (README, set-up)") from None
+
+
 @functools.cache
 def token_byte_lengths() -> np.ndarray:
     """The UTF-8 byte length of every GPT-2 token id (index = id), as int64; <|endoftext|> counts 0 bytes,
     since it marks where a document ends rather than standing for text in it."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
     lengths[enc.eot_token] = 0
     return lengths
