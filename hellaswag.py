@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt2.checkpoint import load_model
 from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
+from gpt2.runs import load_model
 from gpt2.runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"

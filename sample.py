@@ -14,9 +14,9 @@ import codecs
 import tiktoken
 import torch
 
-from gpt2.checkpoint import load_model
 from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
+from gpt2.runs import load_model
 from gpt2.runtime import autocast, autocast_dtype, pick_device
 from model import GPT
 

@@ -222,7 +222,7 @@ def main(argv=None) -> str:
     coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], step, args.sigma_rel)
     tensors = posthoc_reconstruct([e for _, _, e in snaps], coefficients)
 
-    from gpt2.checkpoint import model_from_config  # only the CLI needs the model
+    from gpt2.runs import model_from_config  # only the CLI needs the model
 
     config = files[-1]["model_config"]
     model = model_from_config(config)

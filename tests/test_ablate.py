@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import train_gpt2
+from gpt2 import config
 from tools import ablate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -97,17 +97,17 @@ def test_unknown_suite_or_config_is_a_usage_error(capsys):
 @pytest.mark.parametrize("suite", sorted(ablate.SUITES))
 def test_every_suite_config_is_a_valid_train_config(suite):
     for name, flags in ablate.SUITES[suite].items():
-        train_gpt2.parse_config(["--preset", "tiny", *flags])  # argparse exits on an unknown flag or bad value
+        config.parse_config(["--preset", "tiny", *flags])  # argparse exits on an unknown flag or bad value
     # the "modern" and "speedrun" configs written as flags are exactly the tiny-modern and tiny-speedrun presets
-    for switches, name in ((train_gpt2.MODERN, "tiny-modern"), (train_gpt2.SPEEDRUN, "tiny-speedrun")):
-        as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
-        preset, _ = train_gpt2.parse_config(["--preset", name, "--run-name", "x"])
+    for switches, name in ((config.MODERN, "tiny-modern"), (config.SPEEDRUN, "tiny-speedrun")):
+        as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
+        preset, _ = config.parse_config(["--preset", name, "--run-name", "x"])
         assert as_flags == preset
     # and the roadmap's faithful edm2 and hypersphere configs are exactly their presets
-    for name, values in (("edm2", train_gpt2.EDM2), ("hypersphere", train_gpt2.HYPERSPHERE)):
+    for name, values in (("edm2", config.EDM2), ("hypersphere", config.HYPERSPHERE)):
         assert ablate.SUITES["roadmap"][name] == ablate.flags(values)
-        as_flags, _ = train_gpt2.parse_config(["--preset", "tiny", *ablate.flags(values), "--run-name", "x"])
-        assert as_flags == train_gpt2.parse_config([f"--preset=tiny-{name}", "--run-name", "x"])[0]
+        as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.flags(values), "--run-name", "x"])
+        assert as_flags == config.parse_config([f"--preset=tiny-{name}", "--run-name", "x"])[0]
 
 
 def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import train_gpt2
 from conftest import ROOT
-from gpt2 import ema
+from gpt2 import config, ema
 from gpt2.constrained import EDM2GPT, ConstrainedLinear, HypersphereGPT
 from gpt2.models import build_model
 from gpt2.muon import Muon
@@ -225,8 +225,8 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
     ("tiny-hypersphere", dict(mode="hypersphere", warmup_steps=0, weight_decay=0.0, max_lr=1.5e-3)),
 ])
 def test_faithful_presets_set_their_papers_values(preset, expected):
-    cfg, _ = train_gpt2.parse_config(["--preset", preset])
+    cfg, _ = config.parse_config(["--preset", preset])
     values = {**vars(cfg), **vars(cfg.model)}
     assert {k: values[k] for k in expected} == expected
     assert values["n_embd"] == 128 and values["max_steps"] == 300  # on the tiny model and budget
-    assert preset in train_gpt2.PRESET_DATA  # the data hint of a missing data_dir covers it
+    assert preset in config.PRESET_DATA  # the data hint of a missing data_dir covers it

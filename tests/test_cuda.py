@@ -18,6 +18,7 @@ from test_arch import naive_attention
 
 import train_gpt2
 from conftest import ROOT
+from gpt2.config import parse_config
 from gpt2.dataloader import ShardLoader
 from model import GPT, GPTConfig, attention, flex_attend
 
@@ -123,7 +124,7 @@ def test_attention_decode_step_equals_float64_reference(case, dtype, exact_fp32)
 @pytest.mark.filterwarnings("error:flex_attention called without torch.compile")  # eager: never FlexAttention
 @pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-124m-modern"])
 def test_bf16_autocast_logits_of_124m_match_float64(preset):
-    cfg = train_gpt2.parse_config(["--preset", preset])[0].model
+    cfg = parse_config(["--preset", preset])[0].model
     torch.manual_seed(0)
     model = GPT(cfg).cuda().eval()
     reference = copy.deepcopy(model).cpu().double()  # the same weights, on the CPU's attention path

@@ -12,7 +12,7 @@ import torch
 
 import hellaswag
 from conftest import spawn_ranks
-from gpt2 import checkpoint
+from gpt2 import runs
 from gpt2.hf_io import export_hf
 from model import GPT, GPTConfig
 
@@ -234,4 +234,4 @@ def test_cli_with_compiled_checkpoint(model, fixture_examples, tmp_path, capsys)
 
     torch.save({"model": state}, tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        checkpoint.load_model(str(tmp_path / "bare.pt"))
+        runs.load_model(str(tmp_path / "bare.pt"))

@@ -4,11 +4,12 @@ spectral norm, the square case matches its closed form, resume is exact, DDP ran
 import pytest
 import torch
 
-import train_gpt2
 from conftest import SMALL, metrics, run, spawn_ranks
+from gpt2.config import parse_config
 from gpt2.manifold import ManifoldMuon, project, tangent_direction
 from gpt2.models import build_model
 from gpt2.muon import fused_row_splits
+from gpt2.optim import build_optimizers
 
 STEPS = ["--max-steps", "30", "--val-every", "30", "--sample-every", "0", "--checkpoint-every", "0",
          "--optimizer", "muon", "--muon-manifold", "stiefel"]
@@ -45,12 +46,12 @@ def test_trained_matrices_keep_unit_singular_values(shards, tmp_path, flags):
     run(shards, tmp_path, *STEPS, *flags)
     val = metrics(tmp_path, kind="val")
     assert val[-1]["step"] == 30 and val[-1]["loss"] < val[0]["loss"] - 1.0  # it learns
-    cfg, _ = train_gpt2.parse_config(["--preset", "tiny", *SMALL, *STEPS, *flags])
+    cfg, _ = parse_config(["--preset", "tiny", *SMALL, *STEPS, *flags])
     trained = build_model(cfg.model)
     trained.load_state_dict(torch.load(tmp_path / "run" / "ckpt_0000030.pt", weights_only=False)["model"])
     torch.manual_seed(cfg.seed)  # the run's init, projected onto the manifold as the optimizer is built
     start = build_model(cfg.model)
-    train_gpt2.build_optimizers(cfg, start, "cpu")
+    build_optimizers(cfg, start, "cpu")
     split = "--muon-split" in flags
     blocks = muon_blocks(trained, split)
     assert len(blocks) == 2 * (7 if split else 4)  # per layer: q, k, v, attn proj, (gate, up,) mlp proj
@@ -146,7 +147,7 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
 ])
 def test_inconsistent_manifold_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit):
-        train_gpt2.parse_config(["--preset", "tiny", *args])
+        parse_config(["--preset", "tiny", *args])
     assert message in capsys.readouterr().err
 
 

@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt2
+from gpt2.config import TrainConfig, parse_config
 from gpt2.muon import Muon, fused_row_splits, normuon, orthogonalize
+from gpt2.optim import build_optimizers, lr_at
 from model import GPT, GPTConfig
-from train_gpt2 import TrainConfig, build_optimizers, lr_at, parse_config
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (192, 64)])

@@ -19,7 +19,8 @@ import fineweb_edu
 import hellaswag
 import train_gpt2
 from conftest import ROOT
-from gpt2 import checkpoint, ema
+from gpt2 import ema, runs
+from gpt2.config import parse_config
 
 TINY = ["--preset", "tiny", "--run-name", "r", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
         "--seq-len", "32", "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0",
@@ -103,7 +104,7 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, 
     out = capsys.readouterr().out
     assert f"skipping a bad checkpoint: {run / 'ckpt_0000008.pt'}" in out
     assert f"resumed from {run / 'ckpt_0000006.pt'} at step 6" in out
-    assert train_gpt2.load_checkpoint(str(run / "ckpt_0000008.pt"))["step"] == 8  # rewritten, checked again
+    assert runs.load_checkpoint(str(run / "ckpt_0000008.pt"))["step"] == 8  # rewritten, checked again
 
 
 def test_explicit_resume_of_a_bad_checkpoint_names_it(shards, tmp_path):
@@ -122,7 +123,7 @@ def test_checkpoint_without_checksum_still_loads_with_a_warning(shards, tmp_path
     run = tmp_path / "r"
     for sha in run.glob("*.sha256"):
         sha.unlink()
-    monkeypatch.setattr(train_gpt2, "_warned_unchecked", False)
+    monkeypatch.setattr(runs, "_warned_unchecked", False)
     capsys.readouterr()
     assert train_gpt2.main(args(shards, tmp_path))["step"] == 8
     out = capsys.readouterr().out
@@ -136,7 +137,7 @@ def test_checksum_is_the_files_sha256(shards, tmp_path, monkeypatch):
     def read_back(path):
         raise AssertionError(f"{path} read back to hash it")
 
-    monkeypatch.setattr(train_gpt2, "file_sha256", read_back)  # hashed while written: the file is read once, on load
+    monkeypatch.setattr(runs, "file_sha256", read_back)  # hashed while written: the file is read once, on load
     train_gpt2.main(args(shards, tmp_path, "--stop-at", "2"))
     ckpt = tmp_path / "r" / "ckpt_0000002.pt"
     digest, name = (tmp_path / "r" / "ckpt_0000002.pt.sha256").read_text().split()
@@ -147,7 +148,7 @@ def test_loaders_name_a_file_that_is_no_checkpoint(tmp_path):
     junk = tmp_path / "notes.pt"
     junk.write_text("not a checkpoint\n")
     with pytest.raises(ValueError, match=f"{junk} is not a readable checkpoint") as e:
-        checkpoint.load_model(str(junk))
+        runs.load_model(str(junk))
     assert "weights_only" not in str(e.value)
     snapshots = tmp_path / "run" / "ema"
     snapshots.mkdir(parents=True)
@@ -169,12 +170,12 @@ def test_disk_full_while_saving_exits_with_a_message(shards, tmp_path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, f)
 
-    monkeypatch.setattr(train_gpt2.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(runs.torch, "save", save_then_fill_the_disk)
     with pytest.raises(SystemExit, match="no space left on the disk of .* while writing ckpt_0000004.pt(.|\n)*intact"):
         train_gpt2.main(args(shards, tmp_path))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt")) == ["ckpt_0000002.pt",
                                                                                     "ckpt_0000002.pt.sha256"]
-    assert train_gpt2.load_checkpoint(str(run / "ckpt_0000002.pt"))["step"] == 2
+    assert runs.load_checkpoint(str(run / "ckpt_0000002.pt"))["step"] == 2
 
 
 def test_fineweb_disk_full_keeps_the_finished_shards(tmp_path, shakespeare_path, monkeypatch):
@@ -278,7 +279,7 @@ def test_nan_stop_is_kept_in_the_run_logs(shards, tmp_path, monkeypatch):
 def test_help_shows_the_field_comment_and_the_presets_value(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at hyphens too
     with pytest.raises(SystemExit) as e:
-        train_gpt2.parse_config(["--preset", "tiny", "--help"])
+        parse_config(["--preset", "tiny", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long flags onto two lines
     assert "--stop-at STOP_AT stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps [tiny: 0]" in text

@@ -8,7 +8,7 @@ import torch
 
 import sample
 import train_gpt2
-from gpt2.checkpoint import load_model
+from gpt2.runs import load_model
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 

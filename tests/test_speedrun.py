@@ -6,8 +6,9 @@ import torch
 
 import train_gpt2
 from conftest import metrics, run
+from gpt2.config import TrainConfig
+from gpt2.optim import micro_steps, window_at
 from model import GPT, GPTConfig, rope_tables
-from train_gpt2 import TrainConfig, micro_steps, window_at
 
 SMALL = dict(block_size=32, n_layer=4, n_head=4, n_embd=32, vocab_multiple=128, pos="rope", n_kv_head=2)
 

@@ -14,6 +14,7 @@ import hellaswag
 import model as model_module
 import train_gpt2
 from conftest import ROOT, SMALL, metrics, run, torchrun
+from gpt2.config import TrainConfig, parse_config
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
 
@@ -158,7 +159,7 @@ def test_unknown_preset_or_value_is_a_usage_error(args, message, capsys):
 
 def test_config_rejects_a_value_outside_its_choices():
     with pytest.raises(ValueError, match="dtype must be one of"):
-        train_gpt2.TrainConfig(dtype="fp16")  # e.g. a preset's value, or code building a config directly
+        TrainConfig(dtype="fp16")  # e.g. a preset's value, or code building a config directly
 
 
 def test_resume_refuses_changed_settings(shards, tmp_path):
@@ -178,5 +179,5 @@ def test_resume_refuses_changed_settings(shards, tmp_path):
 ])
 def test_inconsistent_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit):
-        train_gpt2.parse_config(args)
+        parse_config(args)
     assert message in capsys.readouterr().err

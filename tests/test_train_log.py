@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt2
-from gpt2.checkpoint import load_model
 from gpt2.dataloader import read_manifest
+from gpt2.runs import load_model
 
 B, T, VAL_TOKENS = 4, 32, 512
 

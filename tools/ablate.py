@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import plot_logs
-from train_gpt2 import EDM2, HYPERSPHERE, MODERN, SPEEDRUN
+from gpt2.config import EDM2, HYPERSPHERE, MODERN, SPEEDRUN
 
 TRAIN = Path(__file__).resolve().parent.parent / "train_gpt2.py"
 

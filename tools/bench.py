@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
+from gpt2.config import PRESETS, TrainConfig, parse_config
 from gpt2.models import build_model
+from gpt2.optim import build_optimizers
 from gpt2.runtime import autocast, autocast_dtype, mfu_peak, pick_device
 from model import LOSS_CHUNK_ELEMENTS
-from train_gpt2 import PRESETS, TrainConfig, build_optimizers, parse_config
 
 
 def sync(device: torch.device):

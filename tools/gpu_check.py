@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from gpt2.config import parse_config
 from gpt2.models import build_model
+from gpt2.optim import build_optimizers
+from gpt2.runs import rng_state, save_checkpoint
 from gpt2.runtime import autocast_dtype, pick_device
 from tools.bench import bench_steps, sync
-from train_gpt2 import build_optimizers, parse_config, rng_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
@@ -75,7 +77,7 @@ def train_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[st
 
 
 def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
-    """Two saves through train_gpt2's save_checkpoint of a state shaped like the loop's, optimizer moments filled."""
+    """Two saves through gpt2.runs' save_checkpoint of a state shaped like the loop's, optimizer moments filled."""
     model = build_model(cfg.model).to(device)
     optimizers = build_optimizers(cfg, model, device.type)
     for p in model.parameters():

@@ -1,0 +1,240 @@
+"""The run's configuration: TrainConfig (every field a flag, its trailing comment the flag's help), the presets,
+and parse_config, the command line that builds a TrainConfig and refuses flags that do not go together."""
+
+import argparse
+import dataclasses
+import inspect
+import io
+import re
+import tokenize
+from dataclasses import dataclass, field
+
+from model import ARCH_CHOICES, GPTConfig
+
+
+def choice(*values: str):
+    """A field that takes one of values, the first being its default: argparse and TrainConfig both check it."""
+    return field(default=values[0], metadata={"choices": values})
+
+
+@dataclass
+class TrainConfig:
+    # data and run
+    data_dir: str = "data/fineweb_edu"
+    log_dir: str = "logs"
+    run_name: str = ""  # default: the preset's name
+    resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
+    align_docs: bool = False  # every train row starts at a document's <|endoftext|> (dataloader.ShardLoader)
+    shuffle: bool = False  # train shards and windows in a seeded random order per epoch
+    # the model: every GPTConfig field (model.py) is a flag too (--n-layer 4, --norm rmsnorm, ...); block_size =
+    # seq_len, and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_multiple=128))
+    # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world_size * accumulation
+    batch_size: int = 64
+    seq_len: int = 1024
+    total_batch_size: int = 524_288
+    # optimizer and schedule (GPT-3 small hyper-parameters)
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio at max_steps
+    schedule: str = choice("cosine", "wsd", "invsqrt")  # wsd: warm-up, stable, decay; invsqrt: EDM2's (see lr_at)
+    decay_frac: float = 0.2  # wsd: the last fraction of the steps, over which the lr decays linearly
+    decay_ref_steps: int = 100  # invsqrt: the lr is 1 / sqrt(max(step / decay_ref_steps, 1)) of its peak
+    warmup_steps: int = 715
+    max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
+    stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
+    # the speedruns' growing batch and window (0: off), functions of the step, so a resumed run follows them exactly
+    batch_ramp_start: float = 0.0  # > 0: a step's tokens rise from this share of total_batch_size; lrs x sqrt(share)
+    batch_ramp_frac: float = 0.25  # ... to all of it, linearly over this fraction of max_steps (whole micro-batches)
+    window_start: int = 0  # > 0: the windowed layers' window rises from this to --window, in multiples of this
+    window_ramp_frac: float = 1.0  # ... linearly over this fraction of max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    optimizer: str = choice("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like max_lr
+    muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
+    muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
+    muon_split: bool = False  # orthogonalize attention's q, k, v (and SwiGLU's gate, up) as matrices of their own
+    muon_ns: str = choice("ns5", "polar")  # ns5: Newton-Schulz quintic; polar: Polar Express (per-step coefficients)
+    muon_weight_decay: float = 0.0  # decoupled, times Muon's (scheduled, shape-scaled) lr; 0: none
+    muon_cautious_wd: bool = False  # decay only the entries where the update and the weight have the same sign
+    muon_normuon: bool = False  # NorMuon: per-row second-moment normalization of the orthogonalized update
+    muon_beta2: float = 0.95  # NorMuon's second-moment EMA (nanochat 0.95, modded-nanogpt 0.9)
+    muon_manifold: str = choice("none", "stiefel")  # stiefel: manifold Muon, every Muon matrix (block) semi-orthogonal
+    muon_manifold_iters: int = 10  # stiefel's dual-ascent steps; 0: cheap: tangent-projected momentum, msign, retract
+    # peak lrs of the AdamW groups (0: max_lr); the schedule scales them like max_lr. The anchors, with the
+    # embedding RMS-normalized after the lookup (unlike GPT-2's): nanochat embed 0.3, head 0.008, scalars 0.5
+    # (embed and head times (n_embd / 768) ** -0.5); modded-nanogpt Adam 0.008, scalars 5x that
+    adam_embed_lr: float = 0.0  # token (untied) and position tables
+    adam_head_lr: float = 0.0  # the LM head; tied to the token table, the shared table
+    adam_scalar_lr: float = 0.0  # the 1-D parameters: biases, norm gains, sinks
+    ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
+    ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often (ema.py)
+    # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
+    val_every: int = 250
+    val_tokens: int = 10_485_760  # the same first val tokens every time
+    hellaswag_every: int = 250
+    hellaswag_data: str = "val"  # split to download, or a local .jsonl
+    hellaswag_limit: int = 0  # 0: all 10,042 examples
+    sample_every: int = 1000
+    sample_prompt: str = "Hello, I'm a language model,"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    # system
+    device: str = "auto"  # auto: cuda > mps > cpu
+    dtype: str = choice("auto", "float32", "bfloat16")  # autocast: auto = bfloat16 on CUDA, else float32
+    compile: str = choice("auto", "0", "1")  # torch.compile: auto = on for CUDA
+    chunked_loss: str = choice("auto", "0", "1")  # auto = on except on CUDA (see BENCHMARKS.md)
+    seed: int = 1337
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+
+
+TINY = dict(
+    data_dir="data/fineweb_edu_tiny", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
+    total_batch_size=2048, max_lr=3e-3, warmup_steps=20, max_steps=300, val_every=50, val_tokens=65_536,
+    hellaswag_every=0, sample_every=100, checkpoint_every=100,
+)
+# The switches that won their single-switch ablation on the tiny CPU setup by more than two seeds of the baseline
+# differ (BENCHMARKS.md, "Ablations"), plus Muon and the wsd schedule (the "modern" suite) and Muon's q, k, v
+# orthogonalized apart (the one option of the "muon" suite that won beyond its seed spread).
+MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True, muon_split=True)
+# The speedruns' switches that won the "speedrun" suite on top of the modern preset (BENCHMARKS.md, "speedrun").
+SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True)
+# The constrained modes at their papers' settings, scaled to TINY's 300 steps.
+EDM2 = dict(
+    mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
+    beta2=0.99,  # EDM2's Adam betas (0.9, 0.99)
+    max_lr=1e-3,  # EDM2's 1e-2 on unit-RMS weight entries, on our unit-norm rows of 128: 1e-2 / sqrt(128)
+    decay_ref_steps=20, warmup_steps=2,  # EDM2's t_ref 70k and 10 Mimg ramp-up of its ~1M steps, of 300
+)
+HYPERSPHERE = dict(
+    mode="hypersphere", warmup_steps=0, weight_decay=0.0,  # nGPT (Loshchilov et al. 2024): no warm-up, no decay
+    max_lr=1.5e-3,  # nGPT's reported lr (15e-4, its 0.5B model)
+)
+PRESETS = {
+    "gpt2-124m": {},
+    "gpt2-124m-modern": MODERN,
+    "gpt2-124m-speedrun": SPEEDRUN,
+    "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
+    "tiny-modern": {**TINY, **MODERN},
+    "tiny-speedrun": {**TINY, **SPEEDRUN},
+    "tiny-edm2": {**TINY, **EDM2},
+    "tiny-hypersphere": {**TINY, **HYPERSPHERE},
+}
+
+PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
+               for name in PRESETS if name.startswith("tiny")}
+TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
+
+# Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
+# must not change them.
+RESUME_MUST_MATCH = (
+    "data_dir", "align_docs", "shuffle", "seq_len", "total_batch_size", "batch_ramp_start", "batch_ramp_frac",
+    "window_start", "window_ramp_frac", "max_lr",
+    "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
+    "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
+    "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "muon_manifold",
+    "muon_manifold_iters", "adam_embed_lr", "adam_head_lr", "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every",
+    "decay_ref_steps", "seed",
+)
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in cls's source, read with tokenize (a '#' in a string is no comment):
+    --help shows it, so the dataclass stays the one place a flag is described."""
+    source = inspect.getsource(cls)
+    lines, comments = source.splitlines(), {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        field_line = tok.type == tokenize.COMMENT and re.match(r"\s+(\w+)\s*:", lines[tok.start[0] - 1])
+        if field_line:
+            comments[field_line.group(1)] = tok.string.lstrip("# ")
+    return comments
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of a string field: TrainConfig's fields carry theirs, model.py's are in ARCH_CHOICES."""
+    return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
+
+
+def parse_config(argv=None, description: str | None = None) -> tuple[TrainConfig, str]:
+    """The TrainConfig of a command line (argv, or sys.argv) and its preset's name; description heads --help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    first = argparse.ArgumentParser(add_help=False)  # --preset before --help: `--preset tiny --help` shows tiny's
+    first.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    preset = first.parse_known_args(argv)[0].preset
+    comments = {**field_comments(GPTConfig), **field_comments(TrainConfig)}
+    defaults = TrainConfig()
+    for f in TRAIN_FIELDS + MODEL_FIELDS:
+        default = getattr(defaults, f.name) if f in TRAIN_FIELDS else getattr(defaults.model, f.name)
+        default = PRESETS[preset].get(f.name, default)
+        is_bool = f.type is bool
+        about = comments.get(f.name, "").replace("%", "%%")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
+                            choices=[0, 1] if is_bool else field_choices(f),
+                            help=f"{about} [{preset}: {int(default) if is_bool else default!r}]".lstrip())
+    args = parser.parse_args(argv)
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
+    bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}
+    values = {k: bool(v) if k in bools else v for k, v in values.items()}
+    model_names = {f.name for f in MODEL_FIELDS}
+    try:  # inconsistent flags, e.g. --n-kv-head not dividing --n-head, or a preset's value out of its choices
+        model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len),
+                                    **{k: v for k, v in values.items() if k in model_names})
+        cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
+    except ValueError as e:
+        parser.error(str(e))
+    cfg.run_name = cfg.run_name or args.preset
+    check_flags(parser, cfg, defaults)
+    return cfg, args.preset
+
+
+def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
+    """Flags that are each valid but not together, or out of range: argparse's error names them and exits."""
+    if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
+        parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
+    muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2",
+                     "muon_manifold", "muon_manifold_iters")
+    changed = [k for k in muon_switches if getattr(cfg, k) != getattr(defaults, k)]
+    if changed and cfg.optimizer != "muon":
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)} need --optimizer muon")
+    if cfg.muon_weight_decay < 0 or (cfg.muon_weight_decay and cfg.muon_fixed_norm):
+        parser.error("--muon-weight-decay must be >= 0, and 0 with --muon-fixed-norm 1 (which restores the norm)")
+    if cfg.muon_cautious_wd and not cfg.muon_weight_decay:
+        parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
+    if not 0 <= cfg.muon_beta2 < 1 or min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) < 0:
+        parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
+    check_manifold(parser, cfg, defaults)
+    if cfg.decay_ref_steps < 1:
+        parser.error(f"--decay-ref-steps must be >= 1, got {cfg.decay_ref_steps}")
+    if not 0 <= cfg.ema_sigma_rel <= 0.3:
+        parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
+    if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
+        parser.error("--ema-snapshot-every needs --ema-sigma-rel")
+
+
+def check_manifold(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
+    """--muon-manifold stiefel fixes every Muon matrix's singular values at 1: switches that set norms or reshape
+    the update have no meaning on it."""
+    if cfg.muon_manifold_iters < 0:
+        parser.error(f"--muon-manifold-iters must be >= 0, got {cfg.muon_manifold_iters}")
+    if cfg.muon_manifold == "none":
+        if cfg.muon_manifold_iters != defaults.muon_manifold_iters:
+            parser.error("--muon-manifold-iters needs --muon-manifold stiefel")
+        return
+    clashes = {"--muon-weight-decay": cfg.muon_weight_decay, "--muon-fixed-norm": cfg.muon_fixed_norm,
+               "--muon-normuon": cfg.muon_normuon, "--muon-ns": cfg.muon_ns != defaults.muon_ns,
+               "--zero-init": cfg.model.zero_init, "--mode": cfg.model.mode != "gpt2"}
+    if any(clashes.values()):
+        parser.error(f"--muon-manifold stiefel keeps every Muon matrix semi-orthogonal, which "
+                     f"{', '.join(k for k, v in clashes.items() if v)} would fight or make meaningless (the manifold "
+                     "sets the norms and has its own fp32 iteration, a zero matrix has no polar factor, edm2 and "
+                     "hypersphere renormalize rows)")
