@@ -6,11 +6,18 @@
 Each argument is a metrics.jsonl file, a run folder holding one, or a parent folder (every run
 below it). Writes the PNG, writes a markdown summary table beside it (same name, .md) and prints
 the table.
+
+References (--no-reference leaves them out): the HellaSwag panel draws OpenAI GPT-2 124M's and GPT-3 Small's
+scores, and the val panel GPT-2's val loss on a run's own val tokens where `python -m tools.reference_loss`
+computed it (logs/reference/, matched to the run's config.json); the table gains the gaps to them. A run that
+ended in an error record (it died, and no train record followed: it was not resumed since) is marked in the
+legend and the table, and the error's message printed.
 """
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -21,10 +28,11 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-# Reference scores at the 124M size.
-GPT2_VAL_LOSS = 3.2924  # FineWeb-Edu val loss measured for OpenAI's released GPT-2 124M weights
-GPT2_HELLASWAG = 0.2955  # acc_norm of OpenAI's GPT-2 124M
-GPT3_HELLASWAG = 0.337  # acc_norm of GPT-3 124M (GPT-3 paper)
+from tools.reference_loss import SUBDIR, find_reference
+
+# HellaSwag val acc_norm at the 124M size (GPT-2's val loss depends on the data: tools/reference_loss.py computes it)
+GPT2_HELLASWAG = 0.2955  # OpenAI GPT-2 124M, this scorer: karpathy/build-nanogpt hellaswag.py docstring @8018ed2
+GPT3_HELLASWAG = 0.337  # GPT-3 Small 125M, zero-shot: Brown et al. 2020 (arXiv:2005.14165) Table H.1, 33.7
 
 X_CHOICES = ("tokens", "step", "time")
 
@@ -44,24 +52,43 @@ def load_run(path) -> dict[str, list[dict]]:
 
     The file may be mid-write (last line cut short) and may have been appended to by a resumed
     run that redoes some steps: unreadable lines are skipped and the later record of a
-    (kind, step) replaces the earlier one.
+    (kind, step) replaces the earlier one. Of the "error" records (the run died) only the last one
+    written counts, and only while no train record follows it: one that does means the run was
+    resumed and went on.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    latest = {}
+    latest, error, error_line, train_line = {}, None, -1, -1
     # bytes, not text: a line cut inside a multi-byte character must not fail the whole read
-    for line in path.read_bytes().splitlines():
+    for i, line in enumerate(path.read_bytes().splitlines()):
         try:
             rec = json.loads(line)
         except ValueError:  # partial JSON or broken UTF-8 (UnicodeDecodeError is a ValueError)
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("kind"), str) and isinstance(rec.get("step"), int):
+        if not (isinstance(rec, dict) and isinstance(rec.get("kind"), str) and isinstance(rec.get("step"), int)):
+            continue
+        if rec["kind"] == "error":
+            error, error_line = rec, i
+        else:
             latest[rec["kind"], rec["step"]] = rec
+            train_line = i if rec["kind"] == "train" else train_line
     run = {}
     for (kind, _), rec in sorted(latest.items()):
         run.setdefault(kind, []).append(rec)
+    if error is not None and train_line < error_line:
+        run["error"] = [error]
     return run
+
+
+def error_step(run: dict[str, list[dict]]) -> int | None:
+    """The step of the error the run ended in (load_run keeps only an unresolved one); None if it did not."""
+    return run["error"][0]["step"] if run.get("error") else None
+
+
+def run_label(name: str, run: dict[str, list[dict]]) -> str:
+    step = error_step(run)
+    return name if step is None else f"{name} (error at step {step})"
 
 
 def _values(records, key) -> list:
@@ -105,30 +132,51 @@ def fmt_duration(seconds) -> str:
     return f"{s}s"
 
 
-def markdown_table(runs: dict[str, dict[str, list[dict]]]) -> str:
-    """One row per run (name -> records by kind, as load_run returns); a val bits-per-byte column if any
-    run logs one."""
-    loss = "{:.4f}".format
-    summaries = {name: summarize(run) for name, run in runs.items()}
-    has_bpb = any(s["final_val_bpb"] is not None for s in summaries.values())
-    columns = [  # (header, summary key, formatter)
-        ("step", "step", str),
-        ("tokens", "tokens", fmt_tokens),
-        ("final val loss", "final_val_loss", loss),
-        ("best val loss", "best_val_loss", loss),
-        ("best HellaSwag acc_norm", "best_acc_norm", loss),
-        ("median tok/s", "median_tok_per_s", "{:,.0f}".format),
-        ("wall time", "time", fmt_duration),
+def _gaps(summary: dict, reference: bool, val_ref: dict | None) -> dict:
+    """A run's gaps to the references (None where one does not apply): final val loss minus GPT-2's on the same
+    val tokens, best HellaSwag acc_norm minus GPT-2's and GPT-3's."""
+    acc, final = summary["best_acc_norm"], summary["final_val_loss"]
+    hellaswag = reference and acc is not None
+    return {
+        "gpt2_val_gap": final - val_ref["loss"] if val_ref and final is not None else None,
+        "gpt2_hellaswag_gap": acc - GPT2_HELLASWAG if hellaswag else None,
+        "gpt3_hellaswag_gap": acc - GPT3_HELLASWAG if hellaswag else None,
+    }
+
+
+def markdown_table(runs: dict[str, dict[str, list[dict]]], reference: bool = True,
+                   val_refs: dict[str, dict] | None = None) -> str:
+    """One row per run (name -> records by kind, as load_run returns). The columns marked optional appear when a
+    run fills them: val bits per byte, the gaps to the references (with `reference`; val_refs: run name -> its
+    GPT-2 val reference, as tools.reference_loss.find_reference returns it) and the step of an error the run
+    ended in."""
+    loss, gap = "{:.4f}".format, "{:+.4f}".format
+    rows = {}
+    for name, run in runs.items():
+        summary = summarize(run)
+        rows[name] = summary | _gaps(summary, reference, (val_refs or {}).get(name)) | {"error": error_step(run)}
+    columns = [  # (header, row key, formatter, optional)
+        ("step", "step", str, False),
+        ("tokens", "tokens", fmt_tokens, False),
+        ("final val loss", "final_val_loss", loss, False),
+        ("final val bpb", "final_val_bpb", loss, True),
+        ("best val loss", "best_val_loss", loss, False),
+        ("Δ GPT-2 val loss", "gpt2_val_gap", gap, True),
+        ("best HellaSwag acc_norm", "best_acc_norm", loss, False),
+        ("Δ GPT-2 HellaSwag", "gpt2_hellaswag_gap", gap, True),
+        ("Δ GPT-3 HellaSwag", "gpt3_hellaswag_gap", gap, True),
+        ("median tok/s", "median_tok_per_s", "{:,.0f}".format, False),
+        ("wall time", "time", fmt_duration, False),
+        ("error at step", "error", str, True),
     ]
-    if has_bpb:
-        columns.insert(3, ("final val bpb", "final_val_bpb", loss))
+    columns = [c for c in columns if not c[3] or any(row[c[1]] is not None for row in rows.values())]
     lines = [
-        "| run | " + " | ".join(header for header, _, _ in columns) + " |",
+        "| run | " + " | ".join(header for header, *_ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    for name, summary in summaries.items():
+    for name, row in rows.items():
         cells = [name.replace("|", "\\|")]
-        cells += ["-" if summary[key] is None else fmt(summary[key]) for _, key, fmt in columns]
+        cells += ["-" if row[key] is None else fmt(row[key]) for _, key, fmt, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -156,55 +204,71 @@ def _x_scale(runs, x) -> tuple[float, str]:
     return next(((d, label) for d, label in units if longest >= 2 * d), units[-1])
 
 
-def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens", smooth: float = 0.9) -> Path:
-    """Train loss, val loss and HellaSwag acc_norm against x, runs overlaid; saves a PNG."""
+def _draw_panel(ax, runs, kind: str, key: str, x: str, divisor: float, smooth: float, palette) -> tuple[bool, list]:
+    """One panel's curves, a run's color the same in every panel. Returns whether any run had records, and the
+    plotted y values that decide the y range."""
+    has_data, shown = False, []
+    for i, (name, run) in enumerate(runs.items()):
+        records = [r for r in run.get(kind, []) if r.get(key) is not None and r.get(x) is not None]
+        if not records:
+            continue
+        has_data, color, label = True, palette[i % len(palette)], run_label(name, run)
+        xs = [r[x] / divisor for r in records]
+        ys = [r[key] for r in records]
+        if kind == "train" and smooth:
+            ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)  # raw, faint
+            ys = ema(ys, smooth)
+        shown += ys[len(ys) // 10 :] if kind == "train" else [y for r, y in zip(records, ys) if r["step"] > 0]
+        # evals are sparse: markers show where each one was taken
+        ax.plot(xs, ys, color=color, label=label, marker=None if kind == "train" else "o", markersize=3)
+        weight_ema = [r for r in run.get("val_ema", []) if r.get(x) is not None] if kind == "val" else []
+        if weight_ema:  # the val loss of the run's weight EMA (train_gpt2.py --ema-sigma-rel): same color, dashed
+            ax.plot([r[x] / divisor for r in weight_ema], [r["loss"] for r in weight_ema], color=color,
+                    linestyle="--", marker="o", markersize=2, label=f"{label} EMA")
+            shown += [r["loss"] for r in weight_ema]
+    return has_data, shown
+
+
+def _zoom(ax, kind: str, shown: list, val_refs: list[dict]) -> None:
+    """Losses: zoom on where the runs differ, past the first tenth of training (train) or the step-0 eval (val)
+    that would squash every curve into a flat line at the bottom; the val panel draws the GPT-2 references that
+    lie less than 1 nat below the runs (one far below would squash them as well), and takes them into its range."""
+    lo, hi = min(shown), max(shown)
+    pad = 0.05 * (hi - lo) or 0.1
+    near = [r for r in val_refs if lo - pad < r["loss"] + 1] if kind == "val" else []
+    for ref, style in zip(near, ["--", "-.", ":"] * len(near)):
+        label = f"GPT-2 ({Path(ref['model']).name}) on {Path(ref['data_dir']).name} val ({ref['loss']:.4f})"
+        ax.axhline(ref["loss"], color="black", linestyle=style, linewidth=1, label=label)
+    levels = [lo, hi] + [r["loss"] for r in near]
+    ax.set_ylim(min(levels) - pad, max(levels) + pad)
+
+
+def figure(runs: dict[str, dict[str, list[dict]]], x: str = "tokens", smooth: float = 0.9, reference: bool = True,
+           val_refs: dict[str, dict] | None = None) -> Figure:
+    """Train loss, val loss and HellaSwag acc_norm against x, runs overlaid; with `reference`, the GPT-2 and GPT-3
+    HellaSwag lines and each GPT-2 val reference in val_refs (run name -> reference, see markdown_table)."""
     if x not in X_CHOICES:
         raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
     divisor, xlabel = _x_scale(runs, x)
     fig = Figure(figsize=(17, 4.8), layout="constrained")
-    axes = fig.subplots(1, 3)
     train_title = f"train loss (EMA {smooth}; raw faint)" if smooth else "train loss"
     panels = [
         ("train", "loss", train_title),
         ("val", "loss", "val loss"),
         ("hellaswag", "acc_norm", "HellaSwag acc_norm"),
     ]
-    ref = {"color": "black", "linestyle": "--", "linewidth": 1}
-    axes[2].axhline(GPT2_HELLASWAG, label=f"OpenAI GPT-2 124M ({GPT2_HELLASWAG})", **ref)
-    axes[2].axhline(GPT3_HELLASWAG, label=f"GPT-3 124M ({GPT3_HELLASWAG})", **(ref | {"linestyle": ":"}))
     # one color per run, the same in every panel; beyond 10 runs the default cycle would repeat colors
     palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
-
-    for ax, (kind, key, title) in zip(axes, panels):
-        has_data, shown = False, []  # shown: plotted y values that decide the y range
-        for i, (name, run) in enumerate(runs.items()):
-            records = [r for r in run.get(kind, []) if r.get(key) is not None and r.get(x) is not None]
-            if not records:
-                continue
-            has_data = True
-            color = palette[i % len(palette)]
-            xs = [r[x] / divisor for r in records]
-            ys = [r[key] for r in records]
-            if kind == "train" and smooth:
-                ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)  # raw, faint
-                ys = ema(ys, smooth)
-            shown += ys[len(ys) // 10 :] if kind == "train" else [y for r, y in zip(records, ys) if r["step"] > 0]
-            # evals are sparse: markers show where each one was taken
-            ax.plot(xs, ys, color=color, label=name, marker=None if kind == "train" else "o", markersize=3)
-            weight_ema = [r for r in run.get("val_ema", []) if r.get(x) is not None] if kind == "val" else []
-            if weight_ema:  # the val loss of the run's weight EMA (train_gpt2.py --ema-sigma-rel): same color, dashed
-                ax.plot([r[x] / divisor for r in weight_ema], [r["loss"] for r in weight_ema], color=color,
-                        linestyle="--", marker="o", markersize=2, label=f"{name} EMA")
-                shown += [r["loss"] for r in weight_ema]
+    # runs on the same data share one reference: one line each
+    refs = list({(r["model"], r["val_identity"], r["loss"]): r for r in (val_refs or {}).values()}.values())
+    for ax, (kind, key, title) in zip(fig.subplots(1, 3), panels):
+        has_data, shown = _draw_panel(ax, runs, kind, key, x, divisor, smooth, palette)
         if kind != "hellaswag" and shown:
-            # losses: zoom on where the runs differ, past the first tenth of training (train) or the
-            # step-0 eval (val) that would squash every curve into a flat line at the bottom
-            lo, hi = min(shown), max(shown)
-            pad = 0.05 * (hi - lo) or 0.1
-            ax.set_ylim(lo - pad, hi + pad)
-            if kind == "val" and lo - pad < GPT2_VAL_LOSS + 1:  # the GPT-2 reference, once the runs come near it
-                ax.axhline(GPT2_VAL_LOSS, label=f"OpenAI GPT-2 124M ({GPT2_VAL_LOSS})", **ref)
-                ax.set_ylim(min(lo, GPT2_VAL_LOSS) - pad, hi + pad)
+            _zoom(ax, kind, shown, refs if reference else [])
+        if kind == "hellaswag" and reference:
+            ref = {"color": "black", "linewidth": 1}
+            ax.axhline(GPT2_HELLASWAG, linestyle="--", label=f"OpenAI GPT-2 124M ({GPT2_HELLASWAG})", **ref)
+            ax.axhline(GPT3_HELLASWAG, linestyle=":", label=f"GPT-3 Small 125M, 0-shot ({GPT3_HELLASWAG})", **ref)
         if not has_data:
             ax.text(0.5, 0.5, f"no {kind} records", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(title)
@@ -212,6 +276,18 @@ def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
+    return fig
+
+
+def legend_labels(fig: Figure) -> list[str]:
+    """Every legend entry of the figure, panel by panel."""
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def plot_runs(runs: dict[str, dict[str, list[dict]]], out_path, x: str = "tokens", smooth: float = 0.9,
+              reference: bool = True, val_refs: dict[str, dict] | None = None) -> Path:
+    """figure() saved as a PNG."""
+    fig = figure(runs, x, smooth, reference, val_refs)
     _save(Path(out_path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return Path(out_path)
 
@@ -241,14 +317,59 @@ def _find_runs(parser, args) -> dict[str, Path]:
     return dict(zip(names, files))
 
 
-def _draw(files: dict[str, Path], args) -> None:
+def _read_config(run_dir: Path) -> dict | None:
+    """The run's config.json, if it has the fields a val reference is matched on."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fields = ("data_dir", "seq_len", "val_tokens", "batch_size")
+    return config if isinstance(config, dict) and all(k in config for k in fields) else None
+
+
+def val_references(files: dict[str, Path]) -> tuple[dict[str, dict], list[str]]:
+    """Run name -> the cached GPT-2 val reference for the run's config.json (tools.reference_loss writes them to
+    a reference/ folder above the runs, e.g. logs/reference/), and one note per data folder with none, or matched
+    by the folder's name only. Runs without a config.json get neither."""
+    refs, notes = {}, []
+    for name, metrics in files.items():
+        run_dir = metrics.parent
+        if (config := _read_config(run_dir)) is None:
+            continue
+        ref, by_name = find_reference(config, [folder / SUBDIR for folder in run_dir.parents])
+        data = config["data_dir"]
+        if ref is not None:
+            refs[name] = ref
+            if by_name:
+                notes.append(f"GPT-2 val loss for {data}: matched by the folder's name ({data} is not here to check "
+                             "its val shards)")
+            continue
+        log_dir = os.path.relpath(run_dir.parent)  # short where the runs lie below the working directory
+        log_dir = str(run_dir.parent) if log_dir.startswith(os.pardir) else log_dir
+        cmd = ["python", "-m", "tools.reference_loss", "--model", "gpt2", "--data-dir", data, "--seq-len",
+               str(config["seq_len"]), "--val-tokens", str(config["val_tokens"]), "--batch-size",
+               str(config["batch_size"]), "--log-dir", log_dir]
+        notes.append(f"GPT-2 val loss: not computed for {data} (seq_len {config['seq_len']}, val_tokens "
+                     f"{config['val_tokens']}); `{shlex.join(cmd)}` computes it")
+    return refs, list(dict.fromkeys(notes))  # one note per data folder and settings, not per run
+
+
+def _draw(files: dict[str, Path], args, noted: set[str]) -> None:
+    """Plot, tabulate and print; then the notes not yet in `noted` (--watch prints each once)."""
     runs = {name: load_run(f) for name, f in files.items()}
+    val_refs, notes = val_references(files) if args.reference else ({}, [])
+    notes += [f"{name}: error at step {r['error'][0]['step']}: {r['error'][0].get('message', '')}"
+              for name, r in runs.items() if r.get("error")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(runs, out, x=args.x, smooth=args.smooth)
-    table = markdown_table(runs)
-    _save(out.with_suffix(".md"), lambda tmp: tmp.write_text(table))
+    plot_runs(runs, out, x=args.x, smooth=args.smooth, reference=args.reference, val_refs=val_refs)
+    table = markdown_table(runs, args.reference, val_refs)
+    _save(out.with_suffix(".md"), lambda tmp: tmp.write_text(table, encoding="utf-8"))
     print(table, end="", flush=True)
+    for note in notes:
+        if note not in noted:
+            noted.add(note)
+            print(note, file=sys.stderr)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
 
@@ -264,7 +385,7 @@ def _stamps(files: dict[str, Path]) -> dict[Path, tuple[int, int] | None]:
     return stamps
 
 
-def watch(parser, args, stamps) -> None:
+def watch(parser, args, stamps, noted: set[str]) -> None:
     """Re-find the runs every --watch seconds and re-draw when a metrics file (or the set of runs) changed
     from `stamps`."""
     print(f"watching every {args.watch:g} s; Ctrl-C stops", file=sys.stderr)
@@ -274,7 +395,7 @@ def watch(parser, args, stamps) -> None:
             files = _find_runs(parser, args)  # new run folders count too: an rsync may bring them any time
             if (now := _stamps(files)) != stamps:
                 stamps = now
-                _draw(files, args)
+                _draw(files, args, noted)
     except KeyboardInterrupt:
         print("stopped watching", file=sys.stderr)
 
@@ -288,6 +409,8 @@ def main(argv=None) -> None:
     parser.add_argument("--labels", help="comma-separated run names, one per run found (default: run folder names)")
     parser.add_argument("--watch", type=float, metavar="SECONDS",
                         help="keep running: check the metrics files every SECONDS and re-draw when they changed")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="no GPT-2 / GPT-3 reference lines in the plot, no gap columns in the table")
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error("--smooth must be in [0, 1)")
@@ -295,9 +418,10 @@ def main(argv=None) -> None:
         parser.error("--watch must be a positive number of seconds")
     files = _find_runs(parser, args)
     stamps = _stamps(files)  # before reading: a line appended while drawing makes the first check re-draw
-    _draw(files, args)
+    noted = set()  # the notes printed so far
+    _draw(files, args, noted)
     if args.watch:
-        watch(parser, args, stamps)
+        watch(parser, args, stamps, noted)
 
 
 if __name__ == "__main__":

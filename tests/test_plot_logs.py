@@ -1,4 +1,5 @@
-"""plot_logs.py on synthetic metrics files: a run cut off mid-line and a resumed run."""
+"""plot_logs.py on synthetic metrics files: a run cut off mid-line and a resumed run; the GPT-2 / GPT-3 references
+(a val reference cached as tools/reference_loss.py writes it), runs that ended in an error."""
 
 import json
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import plot_logs
+from tools import reference_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS_PER_STEP = 65536
@@ -215,3 +217,131 @@ def test_watch_redraws_when_metrics_grow(tmp_path, monkeypatch, capsys):
     assert _parse_table(out.with_suffix(".md").read_text()) == printed[-1]
     assert pngs[3] != pngs[2] and out.read_bytes() != pngs[4]  # the new step, the new run
     _check_png(out)
+
+
+# ---------------------------------------------------------------------- references and errors
+
+
+def _manifest(val_sha="aa" * 32):
+    """A finished manifest as fineweb_edu.py writes it: plot_logs matches references on its val shards alone."""
+    shard = {"tokens": 100, "docs": 1, "resume_doc": 0, "resume_offset": 0}
+    return {"source": "x.txt", "txt_docs": "paragraphs", "tokenizer": "gpt2", "dtype": "uint16", "shard_size": 100,
+            "max_tokens": None, "complete": True,
+            "shards": [{"file": "val_000000.npy", "split": "val", "sha256": val_sha, **shard},
+                       {"file": "train_000001.npy", "split": "train", "sha256": "bb" * 32, **shard}]}
+
+
+def _reference_run(root, name, data_dir, val_tokens=65536, recs=None):
+    """A run folder with metrics (by default run_a of the logs fixture's kind) and a config.json on data_dir."""
+    recs = recs if recs is not None else _segment(random.Random(name), range(30), t0=0.0)
+    _write(root / name / "metrics.jsonl", [json.dumps(r).encode() + b"\n" for r in recs])
+    config = {"data_dir": str(data_dir), "seq_len": 128, "val_tokens": val_tokens, "batch_size": 16, "model": {}}
+    (root / name / "config.json").write_text(json.dumps(config))
+    return recs
+
+
+@pytest.fixture
+def with_reference(tmp_path):
+    """logs/ holding a GPT-2 val reference cached for data/ (a manifest only: matching reads no shard), and a run
+    on data/ at its settings."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps(_manifest()))
+    ref = {"kind": reference_loss.KIND, "model": "gpt2", "data_dir": str(data), "seq_len": 128, "val_tokens": 65536,
+           "val_identity": reference_loss.val_identity(_manifest()), "loss": 3.3333, "bpb": 1.1, "tokens": 65536}
+    (tmp_path / "logs" / "reference").mkdir(parents=True)
+    (tmp_path / "logs" / "reference" / "gpt2_0123.json").write_text(json.dumps(ref))
+    recs = _segment(random.Random(3), range(30), t0=0.0)
+    for r in recs:  # val losses within a nat of GPT-2's, where the val panel draws its line
+        r.update({"loss": 4.0 - r["step"] / 100} if r["kind"] == "val" else {})
+    return tmp_path, ref, _reference_run(tmp_path / "logs", "run", data, recs=recs)
+
+
+REFERENCE_LABELS = {"OpenAI GPT-2 124M (0.2955)", "GPT-3 Small 125M, 0-shot (0.337)"}
+
+
+def test_reference_lines_and_gaps(with_reference, tmp_path, capsys):
+    root, ref, recs = with_reference
+    files = {"run": (root / "logs" / "run" / "metrics.jsonl").resolve()}
+    val_refs, notes = plot_logs.val_references(files)
+    assert val_refs == {"run": ref} and notes == []
+    runs = {"run": plot_logs.load_run(files["run"])}
+    labels = plot_logs.legend_labels(plot_logs.figure(runs, val_refs=val_refs))
+    assert REFERENCE_LABELS | {"GPT-2 (gpt2) on data val (3.3333)"} <= set(labels)
+    assert set(plot_logs.legend_labels(plot_logs.figure(runs, reference=False, val_refs=val_refs))) == {"run"}
+
+    out = tmp_path / "out" / "runs.png"
+    plot_logs.main([str(root / "logs"), "--out", str(out)])
+    row = _parse_table(capsys.readouterr().out)["run"]
+    want = _expected(recs)
+    assert row["Δ GPT-2 val loss"] == f"{want['final_val_loss'] - 3.3333:+.4f}"
+    assert row["Δ GPT-2 HellaSwag"] == f"{want['best_acc_norm'] - 0.2955:+.4f}"
+    assert row["Δ GPT-3 HellaSwag"] == f"{want['best_acc_norm'] - 0.337:+.4f}"
+    plot_logs.main([str(root / "logs"), "--out", str(out), "--no-reference"])
+    assert not [h for h in _parse_table(capsys.readouterr().out)["run"] if h.startswith("Δ")]
+    assert "Δ" not in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
+def test_val_reference_needs_same_val_shards_and_settings(with_reference, capsys):
+    root, ref, _ = with_reference
+    logs = root / "logs"
+    other = root / "other"  # the same folder name rebuilt from another source: other val shards
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps(_manifest(val_sha="cc" * 32)))
+    _reference_run(logs, "other_data", other)
+    _reference_run(logs, "other_val_tokens", root / "data", val_tokens=32768)
+    _reference_run(logs, "data_not_here", ref["data_dir"] + "_laptop")
+    plot_logs.main([str(logs), "--out", str(root / "runs.png")])
+    captured = capsys.readouterr()
+    table = _parse_table(captured.out)
+    assert table["run"]["Δ GPT-2 val loss"] != "-"
+    assert [table[n]["Δ GPT-2 val loss"] for n in ("other_data", "other_val_tokens", "data_not_here")] == ["-"] * 3
+    notes = [line for line in captured.err.splitlines() if line.startswith("GPT-2 val loss")]
+    assert len(notes) == 3
+    assert notes[1] == (f"GPT-2 val loss: not computed for {other} (seq_len 128, val_tokens 65536); `python -m "
+                        f"tools.reference_loss --model gpt2 --data-dir {other} --seq-len 128 --val-tokens 65536 "
+                        f"--batch-size 16 --log-dir {logs.resolve()}` computes it")
+
+
+def test_val_reference_by_folder_name_where_the_data_is_not_here(with_reference, capsys):
+    """Logs copied to a laptop: no shards to identify, so the reference computed for the same data_dir counts."""
+    root, ref, _ = with_reference
+    (root / "data" / "manifest.json").unlink()
+    plot_logs.main([str(root / "logs"), "--out", str(root / "runs.png")])
+    captured = capsys.readouterr()
+    assert _parse_table(captured.out)["run"]["Δ GPT-2 val loss"] != "-"
+    assert f"GPT-2 val loss for {ref['data_dir']}: matched by the folder's name" in captured.err
+
+
+def _error(step, message="CUDA error: out of memory"):
+    return {"kind": "error", "step": step, "tokens": step * TOKENS_PER_STEP, "time": 9.0, "message": message}
+
+
+def test_error_marks_the_run_until_a_train_record_follows(tmp_path, capsys):
+    rng, path = random.Random(2), tmp_path / "logs" / "crashed" / "metrics.jsonl"
+    _write(path, [json.dumps(r).encode() + b"\n" for r in _segment(rng, range(30), 0.0) + [_error(30)]])
+    _write(tmp_path / "logs" / "fine" / "metrics.jsonl", [json.dumps(r).encode() + b"\n"
+                                                          for r in _segment(rng, range(30), 0.0)])
+    out = tmp_path / "runs.png"
+
+    def draw():
+        plot_logs.main([str(tmp_path / "logs"), "--out", str(out)])
+        captured = capsys.readouterr()
+        runs = {n: plot_logs.load_run(tmp_path / "logs" / n) for n in ("crashed", "fine")}
+        return _parse_table(captured.out), captured.err, set(plot_logs.legend_labels(plot_logs.figure(runs)))
+
+    table, err, labels = draw()
+    assert table["crashed"]["error at step"] == "30" and table["fine"]["error at step"] == "-"
+    assert err.count("CUDA error: out of memory") == 1 and "crashed: error at step 30: CUDA error" in err
+    assert {"crashed (error at step 30)", "fine"} <= labels and "crashed" not in labels
+
+    def append(*recs):
+        with open(path, "ab") as f:
+            f.write(b"".join(json.dumps(r).encode() + b"\n" for r in recs))
+
+    append(*_segment(rng, range(20, 25), 50.0), _error(24, "stopping: disk full"))  # resumed, died again
+    table, err, labels = draw()
+    assert table["crashed"]["error at step"] == "24" and "crashed: error at step 24: stopping: disk full" in err
+    append(*_segment(rng, range(20, 22), 80.0))  # resumed again and went on: no mark
+    table, err, labels = draw()
+    assert "error at step" not in table["crashed"] and "error at step" not in err and "crashed" in labels
