@@ -1,13 +1,15 @@
-"""GPT-2, exactly, plus switches for later architecture ideas: the config, the model, KV-cached sampling,
-the chunked training loss and FLOP counts.
+"""GPT-2, exactly, plus switches for later architecture ideas: the config, the model, KV-cached sampling and
+FLOP counts. No training code lives here; the attention kernels (SDPA, FlexAttention or the scores written out)
+are in gpt2/attention.py, the chunked training loss in gpt2/loss.py.
 
-Imports only torch and the standard library. No training code lives here.
 The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
-turned on alone and compared against the baseline (see README "Modern options").
-Module and parameter names follow the OpenAI/HF checkpoint layout, so loading and exporting weights
-is a rename-free copy (gpt2/hf_io.py). The weight-constrained variants (constrained.py) subclass these classes and override
-their seams: the `linear` and `make_norm` factories, the sublayers' and Block's forward (the residual update),
-GPT.Block, embed, head_weight, no_decay_params and after_step.
+turned on alone and compared against the baseline (see README "Modern options"). Module and parameter names
+follow the OpenAI/HF checkpoint layout, so loading and exporting weights is a rename-free copy (gpt2/hf_io.py).
+The constrained modes (gpt2/constrained.py), the experts (gpt2/moe.py) and the speedrun parts (gpt2/speedrun.py)
+subclass these classes and override their seams: the `linear` and `make_norm` factories, CausalSelfAttention's
+qkv / heads / attend, the sublayers' and Block's forward (the residual update), GPT.Block, add_residual_parts,
+blocks (the residual stream through the layers), embed, head_weight, no_decay_params, after_step; the one place
+that picks the class for a config is gpt2.models.build_model.
 """
 
 import inspect
@@ -18,13 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------- config
+from gpt2.attention import EOT, AttentionMask, attention, attention_mask, yarn  # noqa: F401 (EOT: for importers)
+from gpt2.loss import chunked_loss
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
                 "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
-EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
-FLEX_DEVICES = ("cuda",)  # where FlexAttention runs: it has fused kernels and a backward there only
 
 
 @dataclass
@@ -41,15 +42,13 @@ class GPTConfig:
     bias: bool = True  # biases in the linear layers and LayerNorms
     pos: str = "learned"  # learned (absolute position table) | rope (rotary, on queries and keys)
     rope_theta: float = 10000.0
-    # YaRN, to run past the trained context (gpt-oss's defaults): none | yarn (NTK-by-parts, see model.yarn)
+    # YaRN, to run past the trained context (gpt-oss's defaults): none | yarn (NTK-by-parts, see gpt2.attention.yarn)
     rope_scaling: str = "none"
     rope_factor: float = 32.0  # context extension: the slowest rotations are slowed down this much
     rope_beta_fast: float = 32.0  # rotations in the original context above which a frequency is kept (extrapolated)
     rope_beta_slow: float = 1.0  # ... below which it is divided by rope_factor (interpolated); a ramp between
     rope_original_context: int = 4096  # the context the rotations are counted over (the one trained at)
-    # gelu | relu2 (relu squared) | swiglu (hidden width 8/3 n_embd: the same parameter count) | swiglu-oss (gpt-oss's
-    # clamped SwiGLU variant, the same width)
-    mlp: str = "gelu"
+    mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (width 8/3 n_embd: as many weights) | swiglu-oss (gpt-oss)
     # mixture of experts (moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width) / top_k,
     # each token goes to its top_k; 0 = the dense MLP. top_k 1 leaves the router without gradient (softmax of one)
     moe_experts: int = 0
@@ -62,11 +61,11 @@ class GPTConfig:
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
     doc_mask: bool = False  # a position attends only within its document (each <|endoftext|> opens one)
-    # the 124M speedruns' wins (modded-nanogpt, nanochat): every other layer, the last included, adds a token
-    # embedding table of its own to its attention values, gated per kv head (2 sigmoid(linear), 1 at init: nanochat)
+    # the 124M speedruns' wins (gpt2/speedrun.py, built by gpt2.models.build_model): every other layer, the last
+    # included, adds a token embedding table of its own to its attention values, gated per kv head (1 at init)
     value_embeds: bool = False
     unet: bool = False  # block j's output (first half) is added to block L-1-j's input, weight learned (1 at init)
-    x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding); a, b learned per block, 1 and 0 at init
+    x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding); a, b learned per block (1, 0 at init)
     # a weight-constrained variant instead of GPT-2 (built by gpt2.models.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -87,8 +86,8 @@ class GPTConfig:
         if self.mode != "gpt2" and self.zero_init:
             raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
         if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix):
-            raise ValueError(f"value_embeds, unet and x0_mix need mode gpt2: the learned mixes would undo {self.mode}'s "
-                             "unit magnitudes")
+            raise ValueError(f"value_embeds, unet and x0_mix need mode gpt2: the learned mixes would undo "
+                             f"{self.mode}'s unit magnitudes")
         if self.rope_scaling == "yarn" and not (self.pos == "rope" and self.rope_factor >= 1
                                                 and self.rope_beta_fast > self.rope_beta_slow > 0
                                                 and self.rope_original_context > 0):
@@ -109,17 +108,13 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
-        # sizes may differ, and so may the settings of switches that are off: rope_theta (rope), rope_factor and the
-        # betas and context (yarn), moe_top_k and moe_bias_rate (experts), mp_blend (edm2); doc_mask too: it changes
-        # no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
+        # sizes may differ, and so may the settings of switches that are off (rope's, yarn's, the experts', mp_blend);
+        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
                 "rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_original_context", "moe_top_k",
                 "moe_bias_rate", "mp_blend", "doc_mask")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
-
-
-# ---------------------------------------------------------------------- attention
 
 
 def rope_tables(config: GPTConfig, start: int, T: int, device):
@@ -128,28 +123,13 @@ def rope_tables(config: GPTConfig, start: int, T: int, device):
     head_dim = config.n_embd // config.n_head
     inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     if config.rope_scaling == "yarn":
-        inv_freq, concentration = yarn(config, inv_freq)
+        c = config
+        inv_freq, concentration = yarn(inv_freq, c.rope_theta, c.rope_factor, c.rope_beta_fast, c.rope_beta_slow,
+                                       c.rope_original_context)
     angles = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
     if config.rope_scaling == "yarn":
         return angles.cos() * concentration, angles.sin() * concentration
     return angles.cos(), angles.sin()
-
-
-def yarn(config: GPTConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"), in gpt-oss's
-    form (RotaryEmbedding._compute_concentration_and_inv_freq): NTK-by-parts frequencies and the concentration.
-    Pair i turns L / (2 pi theta^(2i/D)) times over the original context L. A pair that turns more than beta_fast
-    times saw every angle in training, so it keeps its frequency (extrapolation); one that turns less than
-    beta_slow times saw part of the circle only, so its frequency is divided by factor (interpolation: factor * L
-    positions map onto the angles of L); a ramp, linear in i, blends the two in between. The concentration
-    0.1 ln(factor) + 1 scales q and k (so the logits by its square): longer contexts flatten the softmax, this
-    sharpens it back."""
-    half, c = inv_freq.numel(), config
-    # the pair index at which the rotations over L equal beta: L / (2 pi theta^(2i/D)) = beta
-    fast, slow = (half * math.log(c.rope_original_context / (beta * 2 * math.pi)) / math.log(c.rope_theta)
-                  for beta in (c.rope_beta_fast, c.rope_beta_slow))
-    ramp = ((torch.arange(half, device=inv_freq.device, dtype=torch.float32) - fast) / (slow - fast)).clamp(0, 1)
-    return inv_freq / c.rope_factor * ramp + inv_freq * (1 - ramp), 0.1 * math.log(c.rope_factor) + 1
 
 
 def apply_rope(x, cos, sin):
@@ -158,117 +138,10 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def flex_runs(device: torch.device, start: int) -> bool:
-    """FlexAttention runs only inside torch.compile: eager, it writes out the full scores, slower than SDPA's mask."""
-    return device.type in FLEX_DEVICES and start == 0 and torch.compiler.is_compiling()
-
-
-def attention(q, k, v, start: int = 0, window: int = 0, sinks: torch.Tensor | None = None,
-              docs: torch.Tensor | None = None, block_mask=None):
-    """Causal attention of queries (B, H, Tq, D) at positions start.. to keys/values (B, Hkv, Tk, D) at 0..Tk-1.
-    window > 0: a query sees only the last `window` positions (itself included). sinks (H,): a learned logit
-    per head added to the softmax denominator (its value vector is zero), so a head can put weight nowhere.
-    docs (B, Tk): the document id of every position; a query sees only the keys of its own document.
-    block_mask: FlexAttention's mask of this window and docs, built once per forward (GPT.hidden), else here."""
-    gqa = q.size(1) != k.size(1)
-    if not window and sinks is None and docs is None:  # plain causal attention: flash attention on GPU
-        # a prefill (start 0) is the usual causal square; a decode step (one query) sees every cached key
-        assert start == 0 or q.size(2) == 1, "KV cache supports a prefill then one token at a time"
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, enable_gqa=gqa)
-    if flex_runs(q.device, start):  # (fp32 norms under autocast may have promoted q, k)
-        return flex_attend(q.to(v.dtype), k.to(v.dtype), v, window, sinks, docs, block_mask)
-    # CPU/MPS (FlexAttention has no backward there), KV-cache steps and eager CUDA calls (HellaSwag, sampling)
-    visible = visible_keys(q.size(2), k.size(2), start, window, docs, q.device)
-    if docs is not None and sinks is None:  # a boolean mask in SDPA: several times faster on CPU than written out
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
-    if gqa:  # the scores written out
-        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = scores.logsumexp(-1, keepdim=True)
-    if sinks is not None:
-        lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1, 1))
-    return torch.exp(scores - lse).to(v.dtype) @ v
-
-
-def visible_keys(Tq: int, Tk: int, start: int, window: int, docs: torch.Tensor | None, device):
-    """Which keys 0..Tk-1 each query at start.. sees: (Tq, Tk), or (B, 1, Tq, Tk) with document ids docs (B, Tk)."""
-    qpos = torch.arange(start, start + Tq, device=device)[:, None]
-    kpos = torch.arange(Tk, device=device)[None, :]
-    visible = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
-    if docs is not None:
-        visible = visible & (docs[:, None, start : start + Tq, None] == docs[:, None, None, :])
-    return visible
-
-
-def flex_block_mask(window: int, docs: torch.Tensor | None, T: int, device):
-    """FlexAttention's block mask for T causal positions, within `window` (0: all) and, with document ids docs
-    (B, T), within each query's document. GPT.hidden builds one per forward and window, shared by the layers."""
-    from torch.nn.attention import flex_attention as fa
-
-    def visible(b, h, q_idx, kv_idx):
-        seen = q_idx >= kv_idx
-        if window:
-            seen = seen & (q_idx - kv_idx < window)
-        if docs is not None:
-            seen = seen & (docs[b, q_idx] == docs[b, kv_idx])
-        return seen
-
-    return fa.create_block_mask(visible, None if docs is None else docs.size(0), None, T, T, device=device)
-
-
-def flex_attend(q, k, v, window: int, sinks: torch.Tensor | None, docs: torch.Tensor | None = None,
-                block_mask=None):
-    """The fused GPU path for masks and sinks: FlexAttention skips the blocks the mask hides, and
-    sinks need no kernel of their own: with Z = exp(lse) the kernel's softmax normalizer,
-    softmax-with-sink = softmax * Z / (Z + exp(sink)) = softmax * sigmoid(lse - sink)."""
-    from torch.nn.attention import flex_attention as fa
-
-    if block_mask is None:
-        block_mask = flex_block_mask(window, docs, q.size(2), q.device)
-    gqa = q.size(1) != k.size(1)
-    if sinks is None:
-        return fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    y, aux = fa.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True))
-    return y * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
-
-
-@dataclass
-class AttentionMask:
-    """What every layer's attention shares in one forward, built once by attention_mask in GPT.hidden."""
-
-    docs: torch.Tensor | None  # (B, Tk) document id of every position, cached ones included; None: no doc_mask
-    block_masks: dict  # window -> FlexAttention block mask, for a prefill where FlexAttention runs
-
-
-def attention_mask(config: GPTConfig, idx, cache: "KVCache | None", windows: set[int]) -> AttentionMask | None:
-    """doc_mask's document ids of idx (B, T) (a document starts at the row's start and at each <|endoftext|>,
-    which belongs to the document it opens) and, where FlexAttention will run, a block mask per distinct window
-    of the layers; None when plain causal attention needs neither."""
-    start = cache.pos if cache is not None else 0
-    docs = None
-    if config.doc_mask:
-        docs = (idx == EOT).cumsum(1)
-        docs = cache.update_docs(docs) if cache is not None else docs
-    block_masks = {}
-    if flex_runs(idx.device, start):
-        flex = [w for w in windows if w or config.sinks or docs is not None]  # the layers that leave SDPA
-        block_masks = {w: flex_block_mask(w, docs, idx.size(1), idx.device) for w in flex}
-    return AttentionMask(docs, block_masks) if docs is not None or block_masks else None
-
-
-VE_GATE_CHANNELS = 32  # nanochat's value-embedding gate input width
-
-
-def has_value_embed(config: GPTConfig, layer: int) -> bool:
-    """value_embeds: every other layer counted back from the last (nanochat's layout)."""
-    return config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads
+        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.kv_heads  # n_kv_head < n_head: GQA
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = self.linear(config, config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
         self.c_proj = self.linear(config, config.n_embd, config.n_embd)
@@ -276,33 +149,17 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
-        self.ve_gate = None
-        if has_value_embed(config, layer):  # reads the first channels of the input, as nanochat's gate does
-            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
-            self.ve_gate.starts_at_zero = True  # gate 2 sigmoid(0) = 1: the values plus the embedding at init
 
     def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
         """The factory of this layer's linear maps (a seam: the constrained models normalize their weights)."""
         return nn.Linear(in_features, out_features, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
-        return self.c_proj(self.heads(x, rope, cache, mask, ve))
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        return self.c_proj(self.heads(x, rope, cache, mask))
 
-    def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
-        """Every head's output, side by side (B, T, C): the input of the output projection. ve (B, T, kv width):
-        this layer's value embedding of the tokens (value_embeds), added to the values through the gate."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x, rope)
-        if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, n_kv_head)
-            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, -1, self.head_dim).transpose(1, 2)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)
-        docs, block_mask = (mask.docs, mask.block_masks.get(self.window)) if mask is not None else (None, None)
-        y = attention(q, k, v, start, self.window, self.sinks, docs, block_mask)
-        return y.transpose(1, 2).contiguous().view(B, T, C)
+    def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        """Every head's output, side by side (B, T, C): the input of the output projection."""
+        return self.attend(*self.qkv(x, rope), cache, mask)
 
     def qkv(self, x, rope=None):
         """Queries (B, n_head, T, D) and keys and values (B, n_kv_head, T, D) of x (B, T, C)."""
@@ -315,8 +172,16 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
-
-# ---------------------------------------------------------------------- MLP, block
+    def attend(self, q, k, v, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        """Causal attention of q to k, v and the cached ones, with the layer's window and sinks: (B, T, C)."""
+        B, _, T, _ = q.shape
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        docs, block_mask = (mask.docs, mask.block_masks.get(self.window)) if mask is not None else (None, None)
+        y = attention(q, k, v, start, self.window, self.sinks, docs, block_mask)
+        return y.transpose(1, 2).contiguous().view(B, T, -1)
 
 
 SWIGLU_OSS_LIMIT, SWIGLU_OSS_ALPHA = 7.0, 1.702  # gpt-oss's swiglu_limit and its sigmoid slope
@@ -333,11 +198,11 @@ def swiglu_oss(gate, linear):
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig, hidden: int = 0):
-        """hidden: the hidden width; 0: GPT-2's 4 n_embd (8/3 n_embd for the gated kinds). A MoE expert (moe.py)
+        """hidden: the hidden width; 0: GPT-2's 4 n_embd (8/3 n_embd for the gated kinds). A MoE expert (gpt2/moe.py)
         passes its own; the dense MLP of a config with experts is refused (GPT's blocks are dense: build_model)."""
         super().__init__()
         if config.moe_experts and not hidden:
-            raise ValueError("moe_experts > 0: build the model with constrained.build_model (moe.MoEGPT)")
+            raise ValueError("moe_experts > 0: build the model with gpt2.models.build_model (gpt2.moe.MoEGPT)")
         self.kind = config.mlp
         hidden = hidden or self.dense_width(config)
         self.c_fc = self.linear(config, config.n_embd, (2 if self.kind in GATED else 1) * hidden)
@@ -359,8 +224,7 @@ class MLP(nn.Module):
             return F.gelu(h, approximate="tanh")
         if self.kind == "relu2":
             return F.relu(h).square()
-        # gate and linear halves side by side (gpt-oss interleaves them, a permutation of c_fc's rows that only
-        # matters for loading its weights, which this project does not)
+        # gate and linear halves side by side (gpt-oss interleaves them: a row permutation, for loading its weights)
         gate, up = h.chunk(2, dim=-1)
         return swiglu_oss(gate, up) if self.kind == "swiglu-oss" else F.silu(gate) * up
 
@@ -385,17 +249,14 @@ class Block(nn.Module):
             return nn.RMSNorm(config.n_embd, eps=1e-5)
         return nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None, ve=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, mask, ve)
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
-# ---------------------------------------------------------------------- the model
-
-
 class GPT(nn.Module):
-    Block = Block  # the constrained models (constrained.py) put their own here
+    Block = Block  # the constrained, MoE and speedrun models put their own here
 
     def __init__(self, config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS):
         super().__init__()
@@ -406,19 +267,18 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.h = nn.ModuleList([self.Block(config, i) for i in range(config.n_layer)])
         self.transformer.ln_f = self.Block.make_norm(config)
-        if config.value_embeds:  # one table per layer that has a gate, of the values' width
-            width = config.kv_heads * (config.n_embd // config.n_head)
-            self.transformer.ve = nn.ModuleDict({str(i): nn.Embedding(config.padded_vocab_size, width)
-                                                 for i in range(config.n_layer) if has_value_embed(config, i)})
-        if config.unet:
-            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
-        if config.x0_mix:
-            self.x_lambdas = nn.Parameter(torch.ones(config.n_layer))
-            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.add_residual_parts(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+
+    def add_residual_parts(self, config: GPTConfig):
+        """A subclass registers the modules its `blocks` adds to the residual stream here, before the head and the
+        init: the parameter order (the checkpoints') and the random init then follow the module tree."""
+        if config.value_embeds or config.unet or config.x0_mix:
+            raise ValueError("value_embeds, unet and x0_mix need the speedrun model (gpt2.speedrun.SpeedrunGPT): "
+                             "build it with gpt2.models.build_model")
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
@@ -446,19 +306,18 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, start), None
         if self.config.pos == "rope":
             rope = rope_tables(self.config, start, T, idx.device)
-        mask = attention_mask(self.config, idx, cache, {block.attn.window for block in self.transformer.h})
-        x0, skips, L = x, [], self.config.n_layer
-        for i, block in enumerate(self.transformer.h):
-            if self.config.unet and i >= L - L // 2:  # the mirror of block L-1-i of the first half
-                x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
-            if self.config.x0_mix:
-                x = self.x_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.transformer.ve[str(i)](idx) if has_value_embed(self.config, i) else None
-            x = block(x, rope, cache, mask, ve)
-            skips += [x] if self.config.unet else []
+        windows = {block.attn.window for block in self.transformer.h}
+        mask = attention_mask(idx, cache, windows, self.config.doc_mask, self.config.sinks)
+        x = self.blocks(x, idx, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    def blocks(self, x, idx, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
+        """The residual stream x of tokens idx through the layers (a seam: the speedrun model mixes more in)."""
+        for block in self.transformer.h:
+            x = block(x, rope, cache, mask)
+        return x
 
     def set_window(self, window: int):
         """The window of the windowed (even) layers from now on: train_gpt2's window schedule."""
@@ -494,11 +353,9 @@ class GPT(nn.Module):
         if not return_logits and self.loss_chunk_elements > 0:
             assert targets is not None, "return_logits=False needs targets"
             c = self.config
-            args = (h.flatten(0, 1), self.head_weight(), targets.flatten(), c.vocab_size, c.softcap)
             chunk_rows = max(1, self.loss_chunk_elements // c.padded_vocab_size)
-            if torch.is_grad_enabled():
-                return None, ChunkedLMHeadLoss.apply(*args, chunk_rows)
-            return None, chunked_cross_entropy(*args, chunk_rows, with_grad=False)[0]
+            return None, chunked_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), c.vocab_size,
+                                      c.softcap, chunk_rows)
         logits = self.logits(h)
         loss = None
         if targets is not None:
@@ -553,18 +410,14 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, the usual 6N + 12*L*C*T: 2 (multiply-add) x 3 (forward, and backward
-        for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked).
-        N counts matmul weights only: the position and value-embedding tables (and an untied token table), biases
-        and norms do no matmul. Sliding windows skip some attention work that this count (like MFU conventions)
-        still includes."""
+        for inputs and weights) per matmul weight, plus attention scores and values (counted un-masked, as MFU
+        conventions do, sliding windows too). N counts matmul weights only: the position and value-embedding
+        tables (and an untied token table), biases and norms do no matmul."""
         c = self.config
         lookups = [m.weight.numel() for m in self.modules()  # a tied token table is the head: a matmul
                    if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight]
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - sum(lookups)
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
-
-
-# ---------------------------------------------------------------------- KV cache, sampling
 
 
 class KVCache:
@@ -602,59 +455,3 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# ---------------------------------------------------------------------- the chunked training loss
-
-
-def chunked_cross_entropy(h, weight, targets, vocab: int, softcap: float, chunk_rows: int, with_grad: bool):
-    """Mean cross-entropy of logits h @ weight.T (soft-capped if softcap > 0; only the first `vocab` columns
-    can be predicted), computed chunk_rows rows at a time. With with_grad, also returns d(loss)/dh and
-    d(loss)/dweight, computed right there from the chunk's softmax, so no (N, vocab) tensor ever exists."""
-    n = h.shape[0]
-    loss = torch.zeros((), device=h.device, dtype=torch.float32)
-    grad_h = torch.empty_like(h) if with_grad else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
-    # cast once for all chunks (autocast would cast the whole weight again for every matmul)
-    autocast = torch.is_autocast_enabled(h.device.type)
-    dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
-    h_, w_ = h.to(dtype), weight.to(dtype)
-    with torch.autocast(h.device.type, enabled=False):
-        for s in range(0, n, chunk_rows):
-            hc, tc = h_[s : s + chunk_rows], targets[s : s + chunk_rows]
-            logits = hc @ w_.t()
-            if softcap:
-                tanh = torch.tanh(logits.float() / softcap)
-                logits = softcap * tanh
-            logits[:, vocab:] = float("-inf")
-            probs = torch.softmax(logits, dim=1)  # computed in fp32, stored in the logits' dtype
-            nll = -probs.gather(1, tc[:, None]).squeeze(1).float().log()
-            underflow = torch.isinf(nll)  # a target ~88+ nats below the top logit: p underflowed, recompute exactly
-            if underflow.any():
-                rows = logits[underflow].float()
-                nll[underflow] = rows.logsumexp(1) - rows.gather(1, tc[underflow][:, None]).squeeze(1)
-            loss += nll.sum()
-            if with_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n, times tanh' = 1 - tanh^2 if capped
-                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-                if softcap:
-                    probs = (probs * (1 - tanh.square())).to(dtype)
-                grad_h[s : s + chunk_rows] = (probs @ w_) / n
-                grad_w += (probs.t() @ hc) / n
-    return loss / n, grad_h, grad_w
-
-
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Autograd wrapper of chunked_cross_entropy: the gradients come out of the forward pass and the
-    backward only scales them. A small GPT's step is dominated by the vocab-sized logits; this keeps one
-    chunk of them alive at a time and never stores them for autograd."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab, softcap, chunk_rows):
-        loss, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, vocab, softcap, chunk_rows, with_grad=True)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None

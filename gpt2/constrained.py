@@ -7,7 +7,7 @@
 
 Each is a set of subclasses of model.py's attention, MLP, Block and GPT that override their seams; module and
 parameter names (and their creation order) are part of the checkpoint format. models.build_model is the one
-place that reads `mode` (and `moe_experts`).
+place that reads `mode` (and `moe_experts` and the speedrun switches, which need mode gpt2).
 """
 
 import math
@@ -105,9 +105,9 @@ class ConstrainedGPT(GPT):
 class EDM2Attention(CausalSelfAttention):
     linear = constrained_linear
 
-    def forward(self, x, rope=None, cache=None, mask=None, ve=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
         # a softmax average of unit-variance values has less than unit variance: back to unit RMS
-        return self.c_proj(F.rms_norm(self.heads(x, rope, cache, mask, ve), (x.size(-1),), eps=1e-5))
+        return self.c_proj(F.rms_norm(self.heads(x, rope, cache, mask), (x.size(-1),), eps=1e-5))
 
 
 class EDM2MLP(MLP):
@@ -139,8 +139,8 @@ class EDM2Block(Block):
         """Unit RMS, nothing learned: a gain here would undo magnitude preservation."""
         return nn.RMSNorm(config.n_embd, eps=1e-5, elementwise_affine=False)
 
-    def forward(self, x, rope=None, cache=None, mask=None, ve=None):
-        x = mp_sum(x, self.attn(self.ln_1(x), rope, cache, mask, ve), self.mp_blend)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = mp_sum(x, self.attn(self.ln_1(x), rope, cache, mask), self.mp_blend)
         return mp_sum(x, self.mlp(self.ln_2(x)), self.mp_blend)
 
 
@@ -220,8 +220,8 @@ class HypersphereBlock(Block):
         """None: the residual update itself keeps the hidden states on the unit sphere."""
         return nn.Identity()
 
-    def forward(self, x, rope=None, cache=None, mask=None, ve=None):
-        x = self.step(x, self.attn(self.ln_1(x), rope, cache, mask, ve), self.alpha_attn)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = self.step(x, self.attn(self.ln_1(x), rope, cache, mask), self.alpha_attn)
         return self.step(x, self.mlp(self.ln_2(x)), self.alpha_mlp)
 
     def step(self, x, y, alpha: nn.Parameter):

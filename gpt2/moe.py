@@ -1,4 +1,4 @@
-"""Mixture of experts instead of the dense MLP (GPTConfig.moe_experts > 0; constrained.build_model picks MoEGPT).
+"""Mixture of experts instead of the dense MLP (GPTConfig.moe_experts > 0; gpt2.models.build_model picks MoEGPT).
 
 Routing as gpt-oss's MLPBlock: router logits -> the top-k experts -> softmax over those k logits -> the
 weighted sum of the k experts' outputs. Each expert is a model.MLP of the chosen --mlp kind (swiglu-oss for

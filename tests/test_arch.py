@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-import model as model_module
+import gpt2.attention as attention_module
+from gpt2.attention import EOT, attention, flex_attend
 from gpt2.hf_io import export_hf
 from gpt2.models import build_model
-from model import EOT, GPT, MLP, GPTConfig, apply_rope, attention, flex_attend, rope_tables
+from model import GPT, MLP, GPTConfig, apply_rope, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, sinks=True, window=8,
@@ -163,7 +164,7 @@ def _batch(seed=0):
 def test_switch_trains_and_both_loss_paths_agree(switch):
     torch.manual_seed(0)
     config = GPTConfig(**SMALL, **switch)
-    model = GPT(config, loss_chunk_elements=3 * config.padded_vocab_size)  # 3 rows a chunk: 11 chunks
+    model = build_model(config, loss_chunk_elements=3 * config.padded_vocab_size)  # 3 rows a chunk: 11 chunks
     x, y = _batch()
     # the full-logits path (F.cross_entropy on model.logits) is the reference for the chunked loss, soft-cap included
     logits, full = model(x, y)
@@ -188,7 +189,8 @@ def test_switch_trains_and_both_loss_paths_agree(switch):
                                     dict(n_kv_head=2), dict(doc_mask=True)])
 def test_kv_cache_generation_equals_full_rerun(switch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**SMALL, **switch, "zero_init": False})).eval()  # zero-init blocks would ignore context
+    # zero-init blocks would ignore context
+    model = build_model(GPTConfig(**{**SMALL, **switch, "zero_init": False})).eval()
     prompt = torch.randint(0, 50257, (2, 6))
     prompt[0, 3] = EOT  # with doc_mask, row 0 generates in the document opened at position 3
     out = model.generate(prompt, 12, temperature=0)
@@ -201,7 +203,7 @@ def test_kv_cache_generation_equals_full_rerun(switch):
 def _flex_on_cpu(monkeypatch):
     """Run the model's compiled-CUDA attention path, FlexAttention, eagerly on the CPU (see the reference test
     above): every prefill takes it, as inside torch.compile on CUDA."""
-    monkeypatch.setattr(model_module, "flex_runs", lambda device, start: start == 0)
+    monkeypatch.setattr(attention_module, "flex_runs", lambda device, start: start == 0)
     monkeypatch.setattr("torch.nn.attention.flex_attention._validate_device", lambda *args: None)
 
 
@@ -266,9 +268,9 @@ def test_uncompiled_forward_on_a_flex_device_leaves_flex_attention_alone(switch,
     x, _ = _batch()
     with torch.no_grad():
         expected = model(x)[0]
-        monkeypatch.setattr(model_module, "FLEX_DEVICES", ("cuda", "cpu"))
-        monkeypatch.setattr(model_module, "flex_attend", refuse)
-        monkeypatch.setattr(model_module, "flex_block_mask", lambda *args: masks.append(args))
+        monkeypatch.setattr(attention_module, "FLEX_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(attention_module, "flex_attend", refuse)
+        monkeypatch.setattr(attention_module, "flex_block_mask", lambda *args: masks.append(args))
         assert torch.equal(model(x)[0], expected) and masks == []  # the path of a device without FlexAttention
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo reports while tracing
         with pytest.raises(AssertionError, match="FlexAttention called"):

@@ -18,9 +18,10 @@ from test_arch import naive_attention
 
 import train_gpt2
 from conftest import ROOT
+from gpt2.attention import attention, flex_attend
 from gpt2.config import parse_config
 from gpt2.dataloader import ShardLoader
-from model import GPT, GPTConfig, attention, flex_attend
+from model import GPT, GPTConfig
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpt2.hf_io import export_hf, from_pretrained
+from gpt2.loss import chunked_cross_entropy
 from gpt2.runtime import peak_flops
-from model import GPT, GPTConfig, chunked_cross_entropy, sample_next
+from model import GPT, GPTConfig, sample_next
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 

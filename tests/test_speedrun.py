@@ -7,6 +7,7 @@ import torch
 import train_gpt2
 from conftest import metrics, run
 from gpt2.config import TrainConfig
+from gpt2.models import build_model
 from gpt2.optim import micro_steps, window_at
 from model import GPT, GPTConfig, rope_tables
 
@@ -17,7 +18,7 @@ def _models(**switches):
     """A model with the switches and a plain one holding the same shared weights."""
     torch.manual_seed(0)
     plain = GPT(GPTConfig(**SMALL)).eval()
-    model = GPT(GPTConfig(**SMALL, **switches)).eval()
+    model = build_model(GPTConfig(**SMALL, **switches)).eval()
     assert not model.load_state_dict(plain.state_dict(), strict=False).unexpected_keys
     return plain, model
 
