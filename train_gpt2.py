@@ -41,6 +41,7 @@ from gpt2.runs import (
     set_rng_state,
 )
 from gpt2.runtime import Dist, autocast, autocast_dtype, exit_once, mfu_peak, setup_distributed
+from gpt2.sync import CheckpointSync
 from model import GPT, LOSS_CHUNK_ELEMENTS
 
 # ---------------------------------------------------------------------- evaluation
@@ -258,6 +259,7 @@ class Trainer:
         self.hellaswag_examples = load_hellaswag(cfg)
         self.data_id = data_identity(cfg.data_dir)
         self.run_dir, self.lock, self.log, resume_path, ckpt = open_run(cfg, preset, d, self.data_id)
+        self.sync = CheckpointSync(cfg.checkpoint_sync, self.run_dir, cfg.run_name, self.log.print)
         device_type = d.device.type
         self.dtype = autocast_dtype(cfg.dtype, d.device)
         use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
@@ -359,7 +361,9 @@ class Trainer:
                          "elapsed": self.elapsed(), "evaluated": not stopping,  # see Cadence
                          "emas": [e.state_dict() for e in self.emas], "config": dataclasses.asdict(cfg),
                          "model_config": dataclasses.asdict(cfg.model), "data_identity": self.data_id}
-                self.log.print(f"saved {save_checkpoint(self.run_dir, state, cfg.keep_checkpoints)}")
+                path = save_checkpoint(self.run_dir, state, cfg.keep_checkpoints)
+                self.log.print(f"saved {path}")
+                self.sync.after_checkpoint(path)  # in the background: --checkpoint-sync's copy off the box
             if d.world_size > 1:
                 dist.barrier()
 
@@ -433,6 +437,7 @@ class Trainer:
                 f"{self.elapsed() / 60:.1f} min of training; checkpoint {ckpts[-1] if ckpts else 'none'}")
 
     def teardown(self):
+        self.sync.close()  # the last checkpoint off the box before the process ends (bounded wait)
         if self.lock:
             self.lock.release()
         if self.d.world_size > 1:

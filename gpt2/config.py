@@ -9,6 +9,7 @@ import re
 import tokenize
 from dataclasses import dataclass, field
 
+from gpt2.sync import command_problem
 from model import ARCH_CHOICES, GPTConfig
 
 
@@ -83,6 +84,9 @@ class TrainConfig:
     sample_prompt: str = "Hello, I'm a language model,"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    # checkpoints off the box (spot instances), e.g. "rsync -a {dir}/ backup-host:runs/{run}/": rank 0 runs it after
+    # each checkpoint, one at a time, output in <run>/sync.log; the run's end waits for it (gpt2/sync.py)
+    checkpoint_sync: str = ""  # shell command run after each checkpoint, in background; {dir} {run} {ckpt} filled in
     # system
     device: str = "auto"  # auto: cuda > mps > cpu
     dtype: str = choice("auto", "float32", "bfloat16")  # autocast: auto = bfloat16 on CUDA, else float32
@@ -219,6 +223,8 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
         parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")
+    if problem := command_problem(cfg.checkpoint_sync):
+        parser.error(f"--checkpoint-sync {cfg.checkpoint_sync!r}: {problem}")
 
 
 def check_manifold(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
