@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SMALL, metrics, run
 
 from gpt2.config import PRESET_DATA, PRESETS, TrainConfig, parse_config
@@ -198,8 +199,10 @@ def launcher(shards, log_dir, *args, train=()) -> list[str]:
 
 
 def run_launcher(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=600)
+    # the trainers it launches use this process's thread count, as the in-process `straight` run did: CPU sums
+    # (so the losses' last bits) depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_launcher_restarts_a_killed_trainer_which_resumes_identically(shards, tmp_path, straight):
