@@ -62,9 +62,17 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from gpt2.dataloader import (MANIFEST, OFFLINE_HINT, SPLITS, DataError, check_shard, gpt2_tokenizer, load_manifest,
-                             sha256_file)
-from gpt2.runtime import DiskFullError, atomic_write
+from gpt2.dataloader import (
+    MANIFEST,
+    OFFLINE_HINT,
+    SPLITS,
+    DataError,
+    check_shard,
+    gpt2_tokenizer,
+    load_manifest,
+    sha256_file,
+)
+from gpt2.runtime import DiskFullError, OneLineParser, atomic_write
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 DEFAULT_SOURCE = "fineweb-edu:sample-10BT"
@@ -577,7 +585,7 @@ def _print_totals(manifest: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=DEFAULT_SOURCE, help=f"dataset or local path (default {DEFAULT_SOURCE})")
     parser.add_argument("--out", default="data/fineweb_edu", help="output folder (default data/fineweb_edu)")
     parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (default 100_000_000)")

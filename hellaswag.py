@@ -14,7 +14,6 @@ every world_size-th example and the counts are summed over ranks.
     torchrun --nproc_per_node 8 hellaswag.py --model gpt2 --dtype bfloat16 --compile
 """
 
-import argparse
 import functools
 import json
 import os
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
 from gpt2.runs import load_model
-from gpt2.runtime import atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
+from gpt2.runtime import OneLineParser, atomic_write, autocast, autocast_dtype, setup_distributed, teardown_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -260,7 +259,7 @@ def evaluate(model, examples: list[dict], device, *, rank: int = 0, world_size: 
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style)")
+    p = OneLineParser(description="HellaSwag accuracy of a GPT-2 model (completion style)")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--model", help="HF GPT-2 name (gpt2, gpt2-medium, ...) or a local HF model directory")
     weights.add_argument("--checkpoint", help="a checkpoint saved by train_gpt2.py")

@@ -17,7 +17,7 @@ import torch
 from gpt2.dataloader import gpt2_tokenizer
 from gpt2.hf_io import from_pretrained
 from gpt2.runs import load_model
-from gpt2.runtime import autocast, autocast_dtype, pick_device
+from gpt2.runtime import OneLineParser, autocast, autocast_dtype, pick_device
 from model import GPT
 
 
@@ -49,7 +49,7 @@ def prompt_ids(prompt: str, enc: tiktoken.Encoding, max_new_tokens: int, block_s
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="a checkpoint saved by train_gpt2.py (or a model ema.py wrote)")
     weights.add_argument("--model", help="HF GPT-2 name (gpt2, gpt2-medium, ...) or a local HF model directory")

@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -23,8 +22,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from gpt2.config import PRESET_DATA, TrainConfig, parse_config
-from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, target_bytes
+from gpt2.config import PRESET_DATA, TrainConfig, changed_settings, parse_config
+from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, gpt2_tokenizer, target_bytes, token_byte_lengths
 from gpt2.ema import PowerEMA, remove_snapshots_after, save_snapshot
 from gpt2.models import build_model
 from gpt2.optim import build_optimizers, micro_steps, set_schedule, window_at
@@ -40,7 +39,8 @@ from gpt2.runs import (
     save_checkpoint,
     set_rng_state,
 )
-from gpt2.runtime import Dist, autocast, autocast_dtype, exit_once, mfu_peak, setup_distributed
+from gpt2.runtime import (DiskFullError, Dist, SecondSignal, StopRequest, autocast, autocast_dtype, exit_on_interrupt,
+                          exit_once, is_disk_full, mfu_peak, setup_distributed)
 from gpt2.sync import CheckpointSync
 from model import GPT, LOSS_CHUNK_ELEMENTS
 
@@ -72,9 +72,7 @@ def samples(raw_model: GPT, prompt: str, seed: int, device: torch.device, dtype:
             tokens=32) -> list[str]:
     """A few continuations of a fixed prompt with a fixed seed (through the uncompiled module: the KV
     cache's changing shapes would make a compiled graph recompile every token)."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     idx = torch.tensor([enc.encode(prompt)] * count, device=device)
     tokens = min(tokens, raw_model.config.block_size - idx.shape[1])
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -159,7 +157,7 @@ def open_data(cfg: TrainConfig, d: Dist, preset: str) -> tuple[ShardLoader, Shar
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, d.rank, d.world_size, d.device)
     except (DataError, ValueError) as e:
         hint = (f"\nthe {preset} preset's data (as in README.md): `{PRESET_DATA[preset]} --out {cfg.data_dir}`"
-                if preset in PRESET_DATA else "")
+                if preset in PRESET_DATA and not os.path.isfile(cfg.data_dir) else "")  # a file: e says what to do
         raise SystemExit(f"{e}{hint}") from None
     # the same first val tokens every time, never more than the val split holds (no wrap-around repeats)
     tokens_per_micro = cfg.batch_size * cfg.seq_len * d.world_size
@@ -179,14 +177,14 @@ def load_hellaswag(cfg: TrainConfig) -> list[dict]:
 
 def open_run(cfg: TrainConfig, preset: str, d: Dist, data_id: str):
     """The run's folder, lock (rank 0) and log, and the checkpoint to resume from (its settings and data checked
-    against cfg), if any."""
+    against cfg), if any. metrics.jsonl keeps no record past that checkpoint's step: those steps run again."""
     run_dir = os.path.join(cfg.log_dir, cfg.run_name)
     lock = open_run_dir(cfg, run_dir, d.master)
-    log = RunLog(run_dir, d.master)
     resume_path, ckpt = load_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_resume_config(cfg, ckpt["config"], resume_path)
         check_resume_data(ckpt, data_id, resume_path, cfg.data_dir)
+    log = RunLog(run_dir, d.master, resumed_at=ckpt["step"] if ckpt is not None else None)
     if d.master:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
@@ -204,34 +202,6 @@ def build_emas(cfg: TrainConfig, model: GPT) -> list[PowerEMA]:
 
 
 # ---------------------------------------------------------------------- the loop
-
-
-class StopRequest:
-    """SIGTERM (spot reclaim), SIGHUP (a closed ssh session; torchrun forwards it) or a first Ctrl-C: finish the
-    step, checkpoint, exit 0. Another signal more than a second later kills; one within a second is the same
-    Ctrl-C forwarded by a wrapper (uv run passes SIGINT on, so Python sees it twice)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    SAME_SIGNAL_S = 1.0
-
-    def __init__(self):
-        self.requested, self.first = False, 0.0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if not self.requested:
-            self.requested, self.first = True, now
-            if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print of the loop
-                os.write(2, f"{signal.Signals(signum).name}: stopping after this step (a checkpoint will be saved); "
-                            "press Ctrl-C again to kill\n".encode())
-        elif now - self.first > self.SAME_SIGNAL_S:
-            self.restore()
-            signal.raise_signal(signum)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -257,6 +227,8 @@ class Trainer:
             (micro_tokens * micro_steps(cfg, s, self.grad_accum) for s in range(cfg.max_steps)), initial=0))
         self.train_loader, self.val_loader, self.val_batches = open_data(cfg, d, preset)
         self.hellaswag_examples = load_hellaswag(cfg)
+        if cfg.val_every or cfg.hellaswag_every or cfg.sample_every:
+            token_byte_lengths()  # the tokenizer (for bits per byte, HellaSwag, samples), before any run folder
         self.data_id = data_identity(cfg.data_dir)
         self.run_dir, self.lock, self.log, resume_path, ckpt = open_run(cfg, preset, d, self.data_id)
         self.sync = CheckpointSync(cfg.checkpoint_sync, self.run_dir, cfg.run_name, self.log.print)
@@ -283,7 +255,7 @@ class Trainer:
         self.train_model = DDP(self.model, device_ids=ddp_ids) if d.world_size > 1 else self.model
 
         self.flops_per_token, self.peak = raw_model.flops_per_token(cfg.seq_len), mfu_peak(d.device, self.dtype)
-        self.log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        self.log.print(f"config: {changed_settings(cfg, preset)} (all of it: {self.run_dir}/config.json)")
         self.log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {self.dtype} | "
                        f"compile {use_compile} | grad accumulation {self.grad_accum} | {self.val_batches} val batches")
         self.result = {}  # the latest val loss (and EMA val loss), HellaSwag acc_norm and train loss
@@ -389,11 +361,10 @@ class Trainer:
             dist.all_reduce(stats)
         train_loss, stop = stats[0].item() / d.world_size, bool(stats[1].item())
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise self.log.error(self.step, self.tokens(), self.elapsed(),
-                                 f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
-                                 f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. "
-                                 f"Resuming would repeat this exactly: start a new run (--run-name NAME) with a lower "
-                                 f"--max-lr, or check the data.")
+            raise SystemExit(f"step {self.step}: loss {train_loss}, grad norm {grad_norm.item()} is not finite; "
+                             f"stopping without saving, so the checkpoints in {self.run_dir} are untouched. "
+                             f"Resuming would repeat this exactly: start a new run (--run-name NAME) with a lower "
+                             f"--max-lr, or check the data.")
         multiplier = set_schedule(cfg, self.optimizers, self.step, accum / self.grad_accum)
         for opt in self.optimizers:
             opt.step()
@@ -436,6 +407,26 @@ class Trainer:
         return (f"finished: step {self.step}, {val}{self.tokens():,} tokens, "
                 f"{self.elapsed() / 60:.1f} min of training; checkpoint {ckpts[-1] if ckpts else 'none'}")
 
+    def ending(self, e: BaseException) -> BaseException:
+        """What the run ends with on e, its one line kept in log.txt and metrics.jsonl (kind "error") first: for what
+        the user can act on, a SystemExit with the message (no traceback); else e itself, traceback and all."""
+        if isinstance(e, DataError):  # damage that only shows when a shard is first read, e.g. ids past the vocabulary
+            message = f"{e}\nstopping without saving: the checkpoints in {self.run_dir} are untouched"
+        elif is_disk_full(e):  # torch's 'unexpected pos' on closing a checkpoint, or a log write
+            full = e.strerror if isinstance(e, DiskFullError) else f"no space left on the disk of {self.run_dir}"
+            message = (f"{full}; the checkpoints already in {self.run_dir} are intact (the same command resumes from "
+                       "the latest one)")
+        elif isinstance(e, SecondSignal):
+            ckpts = checkpoint_paths(self.run_dir)
+            message = (f"second {e}: stopping now without a checkpoint; the last checkpoint is "
+                       f"{ckpts[-1] if ckpts else 'none'} (the same command resumes from it)")
+        elif isinstance(e, SystemExit) and isinstance(e.code, str):  # the run's own messages, e.g. a NaN loss
+            message = e.code
+        else:
+            self.log.error(self.step, self.tokens(), self.elapsed(), f"{type(e).__name__}: {e}".removesuffix(": "))
+            return e
+        return self.log.error(self.step, self.tokens(), self.elapsed(), message)
+
     def teardown(self):
         self.sync.close()  # the last checkpoint off the box before the process ends (bounded wait)
         if self.lock:
@@ -446,7 +437,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, preset: str) -> dict:
-    trainer = Trainer(cfg, preset)
+    try:
+        trainer = Trainer(cfg, preset)
+    except OSError as e:  # a full disk shows first in the run folder's small files: lock, config.json, log.txt
+        if not is_disk_full(e):
+            raise
+        raise SystemExit(f"no space left on the disk of {os.path.join(cfg.log_dir, cfg.run_name)} ({e.strerror}): "
+                         "free some space and run the same command again") from None
     resumed_at = trainer.step
     stopping = False  # a stop request all ranks have agreed on (through the per-step all-reduce)
     try:
@@ -461,9 +458,10 @@ def train(cfg: TrainConfig, preset: str) -> dict:
             trainer.step += 1
             trainer.log_step(stats)
             stopping = stats.stop
-    except DataError as e:  # damage that only shows when a shard is first read, e.g. token ids past the vocabulary
-        raise trainer.log.error(trainer.step, trainer.tokens(), trainer.elapsed(), f"{e}\nstopping without saving: "
-                                f"the checkpoints in {trainer.run_dir} are untouched") from None
+    except BaseException as e:  # every end but the planned one leaves its line in the run's logs
+        if (end := trainer.ending(e)) is e:
+            raise
+        raise end from None
     finally:
         trainer.stop.restore()  # also after an error: the caller's handlers come back
     if summary := trainer.summary(stopping, resumed_at):
@@ -478,7 +476,9 @@ def main(argv=None) -> dict:
 
 
 def cli():
-    """main() as a script: a message that stops the run is printed once, not once per torchrun rank."""
+    """main() as a script: a message that stops the run is printed once, not once per torchrun rank; Ctrl-C outside
+    the training loop exits at once, without a traceback."""
+    exit_on_interrupt()
     try:
         main()
     except SystemExit as e:

@@ -9,6 +9,7 @@ import re
 import tokenize
 from dataclasses import dataclass, field
 
+from gpt2.runtime import OneLineParser
 from gpt2.sync import command_problem
 from model import ARCH_CHOICES, GPTConfig
 
@@ -21,8 +22,8 @@ def choice(*values: str):
 @dataclass
 class TrainConfig:
     # data and run
-    data_dir: str = "data/fineweb_edu"
-    log_dir: str = "logs"
+    data_dir: str = "data/fineweb_edu"  # the token shards and their manifest.json (fineweb_edu.py --out)
+    log_dir: str = "logs"  # a run lives in log_dir/run_name/
     run_name: str = ""  # default: the preset's name
     resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
     align_docs: bool = False  # every train row starts at a document's <|endoftext|> (dataloader.ShardLoader)
@@ -31,16 +32,16 @@ class TrainConfig:
     # seq_len, and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_multiple=128))
     # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world_size * accumulation
-    batch_size: int = 64
-    seq_len: int = 1024
-    total_batch_size: int = 524_288
+    batch_size: int = 64  # sequences per micro-batch and process: lower it when out of memory
+    seq_len: int = 1024  # tokens per sequence (the model's block_size)
+    total_batch_size: int = 524_288  # tokens per optimizer step: a multiple of batch_size * seq_len * processes
     # optimizer and schedule (GPT-3 small hyper-parameters)
-    max_lr: float = 6e-4
+    max_lr: float = 6e-4  # AdamW's peak lr, reached after the warm-up
     min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio at max_steps
     schedule: str = choice("cosine", "wsd", "invsqrt")  # wsd: warm-up, stable, decay; invsqrt: EDM2's (see lr_at)
     decay_frac: float = 0.2  # wsd: the last fraction of the steps, over which the lr decays linearly
     decay_ref_steps: int = 100  # invsqrt: the lr is 1 / sqrt(max(step / decay_ref_steps, 1)) of its peak
-    warmup_steps: int = 715
+    warmup_steps: int = 715  # steps of linear lr warm-up; 0: none
     max_steps: int = 19_073  # 10B tokens / 524,288 per step: one epoch of FineWeb-Edu sample-10BT
     stop_at: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0: at max_steps
     # the speedruns' growing batch and window (0: off), functions of the step, so a resumed run follows them exactly
@@ -48,14 +49,14 @@ class TrainConfig:
     batch_ramp_frac: float = 0.25  # ... to all of it, linearly over this fraction of max_steps (whole micro-batches)
     window_start: int = 0  # > 0: the windowed layers' window rises from this to --window, in multiples of this
     window_ramp_frac: float = 1.0  # ... linearly over this fraction of max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (matrices and embeddings only)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float = 1.0  # clip the gradients' global norm to this; 0: no clipping
     optimizer: str = choice("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like max_lr
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum
     muon_fixed_norm: bool = False  # MuonH: after each step, scale every Muon matrix back to its initial norm
     muon_split: bool = False  # orthogonalize attention's q, k, v (and SwiGLU's gate, up) as matrices of their own
@@ -75,15 +76,15 @@ class TrainConfig:
     ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
     ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often (ema.py)
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
-    val_every: int = 250
+    val_every: int = 250  # steps between val-loss evaluations (0: never; also at the last step)
     val_tokens: int = 10_485_760  # the same first val tokens every time
-    hellaswag_every: int = 250
+    hellaswag_every: int = 250  # steps between HellaSwag evaluations (0: never; also at the last step)
     hellaswag_data: str = "val"  # split to download, or a local .jsonl
     hellaswag_limit: int = 0  # 0: all 10,042 examples
-    sample_every: int = 1000
-    sample_prompt: str = "Hello, I'm a language model,"
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    sample_every: int = 1000  # steps between printed samples (0: never; also at the last step)
+    sample_prompt: str = "Hello, I'm a language model,"  # the samples' prompt
+    checkpoint_every: int = 1000  # steps between checkpoints (0: at the end and on a stop request only)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted; 0: keep all
     # checkpoints off the box (spot instances), e.g. "rsync -a {dir}/ backup-host:runs/{run}/": rank 0 runs it after
     # each checkpoint, one at a time, output in <run>/sync.log; the run's end waits for it (gpt2/sync.py)
     checkpoint_sync: str = ""  # shell command run after each checkpoint, in background; {dir} {run} {ckpt} filled in
@@ -92,7 +93,7 @@ class TrainConfig:
     dtype: str = choice("auto", "float32", "bfloat16")  # autocast: auto = bfloat16 on CUDA, else float32
     compile: str = choice("auto", "0", "1")  # torch.compile: auto = on for CUDA
     chunked_loss: str = choice("auto", "0", "1")  # auto = on except on CUDA (see BENCHMARKS.md)
-    seed: int = 1337
+    seed: int = 1337  # seeds the initial weights, the --shuffle order and the samples
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -138,6 +139,26 @@ PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 10
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
 
+# Descriptions of the model fields that model.py leaves without a comment.
+MODEL_HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention (query) heads; n_embd must be a multiple",
+    "n_embd": "the residual stream's width", "rope_theta": "pos rope: the base of the rotation frequencies",
+    "moe_top_k": "the experts each token goes to (with --moe-experts)",
+}
+# The valid range of each numeric flag whose range is not [0, inf); checked before any config is built. NaN and
+# inf fall outside. The ones in CHECKED_JOINTLY are checked with their partners in check_flags.
+RANGES = {
+    "batch_size": "[1, inf)", "seq_len": "[1, inf)", "total_batch_size": "[1, inf)", "max_steps": "[1, inf)",
+    "max_lr": "(0, inf)", "muon_lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "decay_frac": "[0, 1]",
+    "decay_ref_steps": "[1, inf)", "batch_ramp_start": "[0, 1)", "batch_ramp_frac": "[0, 1]",
+    "window_ramp_frac": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)", "muon_momentum": "[0, 1)",
+    "ema_sigma_rel": "[0, 0.3]",  # 0: no EMA
+    "vocab_multiple": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)",
+    "rope_theta": "(0, inf)", "rope_factor": "[1, inf)", "rope_beta_fast": "(0, inf)", "rope_beta_slow": "(0, inf)",
+    "rope_original_context": "[1, inf)", "moe_top_k": "[1, inf)", "mp_blend": "[0, 1]",
+}
+CHECKED_JOINTLY = ("muon_weight_decay", "muon_beta2", "adam_embed_lr", "adam_head_lr", "adam_scalar_lr")
+
 # Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
 # must not change them.
 RESUME_MUST_MATCH = (
@@ -152,15 +173,25 @@ RESUME_MUST_MATCH = (
 
 
 def field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field in cls's source, read with tokenize (a '#' in a string is no comment):
-    --help shows it, so the dataclass stays the one place a flag is described."""
+    """Each field's `# comment` in cls's source, read with tokenize (a '#' in a string is no comment): the one on
+    its line, else the block of comment lines right above it. --help shows it, so the dataclass stays the one place
+    a flag is described."""
     source = inspect.getsource(cls)
-    lines, comments = source.splitlines(), {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        field_line = tok.type == tokenize.COMMENT and re.match(r"\s+(\w+)\s*:", lines[tok.start[0] - 1])
-        if field_line:
-            comments[field_line.group(1)] = tok.string.lstrip("# ")
-    return comments
+    lines = source.splitlines()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {tok.start[0] - 1: tok.string.lstrip("# ") for tok in tokens if tok.type == tokenize.COMMENT}
+    result = {}
+    for i, line in enumerate(lines):
+        if not (field_line := re.match(r"\s+(\w+)\s*:", line)):
+            continue
+        above = []
+        for j in range(i - 1, -1, -1):
+            if j not in comments or not lines[j].lstrip().startswith("#"):
+                break
+            above.insert(0, comments[j])
+        if text := comments.get(i) or " ".join(above):
+            result[field_line.group(1)] = text
+    return result
 
 
 def field_choices(f: dataclasses.Field) -> tuple | None:
@@ -168,41 +199,80 @@ def field_choices(f: dataclasses.Field) -> tuple | None:
     return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
 
 
+def preset_values(preset: str) -> dict:
+    """Every flag's value under a preset before any other flag (run_name: the preset's name)."""
+    defaults = TrainConfig()
+    values = {f.name: getattr(defaults, f.name) for f in TRAIN_FIELDS}
+    values |= {f.name: getattr(defaults.model, f.name) for f in MODEL_FIELDS}
+    return values | PRESETS[preset] | {"run_name": preset}
+
+
+def changed_settings(cfg: TrainConfig, preset: str) -> str:
+    """'preset tiny, changed: max_steps=20, val_every=10': a run's settings in one line (config.json has them all)."""
+    current = {f.name: getattr(cfg, f.name) for f in TRAIN_FIELDS} | {f.name: getattr(cfg.model, f.name)
+                                                                      for f in MODEL_FIELDS}
+    base = preset_values(preset)
+
+    def shown(v):  # as a flag takes it: 0/1 for switches, quotes only around text with spaces
+        return int(v) if isinstance(v, bool) else repr(v) if isinstance(v, str) and (" " in v or not v) else v
+
+    changed = [f"{k}={shown(v)}" for k, v in current.items() if v != base[k]]
+    return f"preset {preset}, changed: {', '.join(changed) or 'nothing'}"
+
+
 def parse_config(argv=None, description: str | None = None) -> tuple[TrainConfig, str]:
     """The TrainConfig of a command line (argv, or sys.argv) and its preset's name; description heads --help."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
-    first = argparse.ArgumentParser(add_help=False)  # --preset before --help: `--preset tiny --help` shows tiny's
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           usage="%(prog)s [--preset NAME] [--FLAG VALUE ...] (the flags below)")
+    preset_help = "the defaults the other flags override; each flag's [value] below is the chosen preset's"
+    parser.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS), help=preset_help)
+    first = OneLineParser(add_help=False)  # --preset before --help: `--preset tiny --help` shows tiny's
     first.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
     preset = first.parse_known_args(argv)[0].preset
-    comments = {**field_comments(GPTConfig), **field_comments(TrainConfig)}
-    defaults = TrainConfig()
+    comments = {**field_comments(GPTConfig), **MODEL_HELP, **field_comments(TrainConfig)}
+    defaults = preset_values(preset)
     for f in TRAIN_FIELDS + MODEL_FIELDS:
-        default = getattr(defaults, f.name) if f in TRAIN_FIELDS else getattr(defaults.model, f.name)
-        default = PRESETS[preset].get(f.name, default)
         is_bool = f.type is bool
         about = comments.get(f.name, "").replace("%", "%%")
+        default = int(defaults[f.name]) if is_bool else defaults[f.name]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
                             choices=[0, 1] if is_bool else field_choices(f),
-                            help=f"{about} [{preset}: {int(default) if is_bool else default!r}]".lstrip())
+                            help=f"{about} [{preset}: {default!r}]".lstrip())
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
     bools = {f.name for f in TRAIN_FIELDS + MODEL_FIELDS if f.type is bool}
     values = {k: bool(v) if k in bools else v for k, v in values.items()}
+    check_ranges(parser, values)  # first: GPTConfig would divide by an --n-head 0
     model_names = {f.name for f in MODEL_FIELDS}
+    base = TrainConfig()
     try:  # inconsistent flags, e.g. --n-kv-head not dividing --n-head, or a preset's value out of its choices
-        model = dataclasses.replace(defaults.model, block_size=values.get("seq_len", defaults.seq_len),
+        model = dataclasses.replace(base.model, block_size=values.get("seq_len", base.seq_len),
                                     **{k: v for k, v in values.items() if k in model_names})
         cfg = TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_names})
     except ValueError as e:
         parser.error(str(e))
     cfg.run_name = cfg.run_name or args.preset
-    check_flags(parser, cfg, defaults)
+    check_flags(parser, cfg, base)
     return cfg, args.preset
 
 
+def check_ranges(parser: argparse.ArgumentParser, values: dict):
+    """Each numeric flag within its range (RANGES; [0, inf) where none is listed), else argparse's error."""
+    numeric = [f for f in TRAIN_FIELDS + MODEL_FIELDS if f.type in (int, float) and f.name not in CHECKED_JOINTLY]
+    for f in numeric:
+        if f.name not in values:
+            continue
+        value, allowed = values[f.name], RANGES.get(f.name, "[0, inf)")
+        low_side, low, high, high_side = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", allowed).groups()
+        above = value >= float(low) if low_side == "[" else value > float(low)
+        below = value <= float(high) if high_side == "]" else value < float(high)
+        if not (above and below):  # NaN fails both
+            need = f"{'>=' if low_side == '[' else '>'} {low}" if high == "inf" else f"in {allowed}"
+            parser.error(f"--{f.name.replace('_', '-')} must be {need}, got {value!r}")
+
+
 def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
-    """Flags that are each valid but not together, or out of range: argparse's error names them and exits."""
+    """Flags that are each valid but not together: argparse's error names them and exits."""
     if cfg.muon_fixed_norm and (cfg.optimizer != "muon" or cfg.model.zero_init):
         parser.error("--muon-fixed-norm 1 needs --optimizer muon, and no --zero-init (a zero matrix would stay zero)")
     muon_switches = ("muon_split", "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2",
@@ -214,13 +284,9 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
         parser.error("--muon-weight-decay must be >= 0, and 0 with --muon-fixed-norm 1 (which restores the norm)")
     if cfg.muon_cautious_wd and not cfg.muon_weight_decay:
         parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
-    if not 0 <= cfg.muon_beta2 < 1 or min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) < 0:
+    if not 0 <= cfg.muon_beta2 < 1 or not min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) >= 0:
         parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
     check_manifold(parser, cfg, defaults)
-    if cfg.decay_ref_steps < 1:
-        parser.error(f"--decay-ref-steps must be >= 1, got {cfg.decay_ref_steps}")
-    if not 0 <= cfg.ema_sigma_rel <= 0.3:
-        parser.error(f"--ema-sigma-rel must be in (0, 0.3] (0: no EMA), got {cfg.ema_sigma_rel}")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")
     if problem := command_problem(cfg.checkpoint_sync):
@@ -230,8 +296,6 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
 def check_manifold(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
     """--muon-manifold stiefel fixes every Muon matrix's singular values at 1: switches that set norms or reshape
     the update have no meaning on it."""
-    if cfg.muon_manifold_iters < 0:
-        parser.error(f"--muon-manifold-iters must be >= 0, got {cfg.muon_manifold_iters}")
     if cfg.muon_manifold == "none":
         if cfg.muon_manifold_iters != defaults.muon_manifold_iters:
             parser.error("--muon-manifold-iters needs --muon-manifold stiefel")

@@ -28,7 +28,6 @@ differ by O(gamma / t) and agree for long runs. Here beta_t = S_{t-1} / S_t with
 EMA is exactly the i^gamma-weighted average and exactly the profile that posthoc_weights assumes.
 """
 
-import argparse
 import contextlib
 import glob
 import math
@@ -36,7 +35,7 @@ import os
 
 import torch
 
-from gpt2.runtime import atomic_write, load_torch_file
+from gpt2.runtime import OneLineParser, atomic_write, load_torch_file
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2 (root of gamma^2 + 3 gamma + 1,
 # where d/dgamma log sigma_rel = 0), then falls towards 0; the EMAs worth having live on the falling branch
@@ -200,7 +199,7 @@ def remove_snapshots_after(run_dir: str, step: int):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description="A power-function EMA of any width from a run's snapshots.")
+    parser = OneLineParser(description="A power-function EMA of any width from a run's snapshots.")
     parser.add_argument("run_dir", help="a train_gpt2.py run folder with ema/ema_*.pt (--ema-snapshot-every)")
     parser.add_argument("--sigma-rel", type=float, required=True, help="the width to reconstruct, e.g. 0.07")
     parser.add_argument("--step", type=int, help="the step to reconstruct at (default: the last snapshot's)")

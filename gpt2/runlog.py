@@ -1,16 +1,24 @@
 """The run's log: RunLog writes metrics.jsonl and log.txt (rank 0 only); Pace, human_count and human_duration
 make the progress line (its ETA, token count and times)."""
 
+import contextlib
 import json
 import os
 
+from gpt2.runtime import atomic_write
+
 
 class RunLog:
-    """Rank 0 appends to metrics.jsonl (one JSON object per event) and log.txt; other ranks stay quiet."""
+    """Rank 0 appends to metrics.jsonl (one JSON object per event) and log.txt; other ranks stay quiet. Opened for
+    a resume from step resumed_at, metrics.jsonl first loses the records past that step: the steps after the
+    checkpoint run again, so a run killed after it would otherwise log them twice."""
 
-    def __init__(self, run_dir: str, master: bool):
+    def __init__(self, run_dir: str, master: bool, resumed_at: int | None = None):
         self.master = master
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if master and resumed_at is not None:
+            keep_records_through(metrics, resumed_at)
+        self.metrics = open(metrics, "a") if master else None
         self.text = open(os.path.join(run_dir, "log.txt"), "a") if master else None
 
     def print(self, msg: str):
@@ -20,11 +28,14 @@ class RunLog:
             self.text.flush()
 
     def error(self, step: int, tokens: int, elapsed: float, msg: str) -> SystemExit:
-        """The message that stops the run, kept in log.txt and metrics.jsonl (kind "error") too."""
-        self.event("error", step, tokens, elapsed, message=msg)
-        if self.master:
-            self.text.write(f"error: {msg}\n")
-            self.text.flush()
+        """The message that stops the run, kept in log.txt and in one line in metrics.jsonl (kind "error") too, as
+        far as the disk lets them be written (a full disk may be why the run stops)."""
+        line = " ".join(part.strip() for part in msg.splitlines() if part.strip())
+        with contextlib.suppress(OSError):
+            self.event("error", step, tokens, elapsed, message=line)
+            if self.master:
+                self.text.write(f"error: {msg}\n")
+                self.text.flush()
         return SystemExit(msg)
 
     def event(self, kind: str, step: int, tokens: int, elapsed: float, **values):
@@ -34,7 +45,24 @@ class RunLog:
             self.metrics.flush()
 
 
-# ---------------------------------------------------------------------- optimizers and schedule
+def keep_records_through(path: str, step: int):
+    """Rewrite the metrics file at path (atomically) without the records past step, and without a line that a
+    kill cut short."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line.rstrip("\n") + "\n")
+    if kept != lines:
+        with atomic_write(path, "w") as f:
+            f.writelines(kept)
+
+
+# ---------------------------------------------------------------------- the progress line
 
 
 def human_count(n: int) -> str:

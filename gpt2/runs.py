@@ -18,7 +18,6 @@ from gpt2.config import MODEL_FIELDS, RESUME_MUST_MATCH, TrainConfig
 from gpt2.dataloader import read_manifest
 from gpt2.models import build_model
 from gpt2.runtime import (
-    DiskFullError,
     Sha256Writer,
     atomic_write,
     file_sha256,
@@ -40,15 +39,11 @@ def save_checkpoint(run_dir: str, state: dict, keep: int):
     hashed while writing, goes beside it (`sha256sum -c` reads it) before the rename, so a checkpoint without one
     predates checksums. Rank 0 calls it; the others wait at a barrier (train_gpt2's Trainer.save_if_due)."""
     path = os.path.join(run_dir, f"ckpt_{state['step']:07d}.pt")
-    try:
-        with atomic_write(path) as f:
-            writer = Sha256Writer(f)
-            torch.save(state, writer)  # the same bytes as into f, hashed on the way
-            with atomic_write(path + ".sha256", "w") as s:
-                s.write(f"{writer.hexdigest()}  {os.path.basename(path)}\n")
-    except DiskFullError as e:
-        raise SystemExit(f"{e}\nthe checkpoints already in {run_dir} are intact: run the same command to resume "
-                         "from the latest one") from None
+    with atomic_write(path) as f:  # a full disk raises DiskFullError (train_gpt2.py turns it into one line)
+        writer = Sha256Writer(f)
+        torch.save(state, writer)  # the same bytes as into f, hashed on the way
+        with atomic_write(path + ".sha256", "w") as s:
+            s.write(f"{writer.hexdigest()}  {os.path.basename(path)}\n")
     # later-step checkpoints belong to a timeline abandoned by `--resume earlier.pt`: auto-resume must not pick them
     newer = [p for p in checkpoint_paths(run_dir) if p > path]
     older = [p for p in checkpoint_paths(run_dir) if p <= path]
@@ -59,22 +54,28 @@ def save_checkpoint(run_dir: str, state: dict, keep: int):
     return path
 
 
-class BadCheckpoint(Exception):
+class BadCheckpoint(ValueError):
     pass
 
 
 _warned_unchecked = False
 
 
+def check_sha256(path: str) -> bool:
+    """Whether path has a .sha256 beside it (saved with checksums); BadCheckpoint if the file does not match it."""
+    if not os.path.exists(path + ".sha256"):
+        return False
+    with open(path + ".sha256") as f:
+        expected = f.read().split()[:1]
+    if [file_sha256(path)] != expected:
+        raise BadCheckpoint(f"{path} does not match its sha256 in {path}.sha256 (truncated or corrupted)")
+    return True
+
+
 def load_checkpoint(path: str) -> dict:
     """torch.load, after checking the file against its .sha256; a file with none predates checksums (warned once)."""
     global _warned_unchecked
-    if os.path.exists(path + ".sha256"):
-        with open(path + ".sha256") as f:
-            expected = f.read().split()[:1]
-        if [file_sha256(path)] != expected:
-            raise BadCheckpoint(f"{path} does not match its sha256 in {path}.sha256 (truncated or corrupted)")
-    elif not _warned_unchecked:
+    if not check_sha256(path) and not _warned_unchecked:
         _warned_unchecked = True
         print0(f"warning: {path} has no .sha256 beside it (saved before checksums): loading it unchecked")
     try:
@@ -213,7 +214,8 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     pairs = [(k, saved.get(k, getattr(defaults, k)), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
     pairs += [(f.name, saved_model.get(f.name, getattr(defaults.model, f.name)), getattr(cfg.model, f.name))
               for f in MODEL_FIELDS]
-    diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs if old != new]
+    diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs
+            if old != new and not (k == "data_dir" and os.path.realpath(old) == os.path.realpath(new))]
     if diff:
         raise SystemExit(f"cannot resume from {path}: the run's settings changed\n  " + "\n  ".join(diff)
                          + "\nPass the original values, or start a new run with --run-name NAME, or start over under "
@@ -229,10 +231,17 @@ def model_from_config(model_config: dict) -> GPT:
 
 
 def load_model(path: str) -> GPT:
-    """The model saved in a checkpoint file, on the CPU. A missing file raises FileNotFoundError, another kind
-    of file ValueError; both name the path."""
+    """The model saved in a checkpoint file, on the CPU, checked against its .sha256 as a resume checks it. A
+    missing file raises FileNotFoundError, another kind of file or a corrupted one ValueError; both name the path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (train_gpt2.py writes logs/<run>/ckpt_<step>.pt)")
+    try:
+        check_sha256(path)  # a model exported by ema.py has no .sha256: loaded as it is
+    except BadCheckpoint as e:
+        name = os.path.basename(path)
+        earlier = [p for p in checkpoint_paths(os.path.dirname(path)) if os.path.basename(p) < name]
+        use = f"use the previous checkpoint, {earlier[-1]}" if earlier else "use another checkpoint of the run"
+        raise BadCheckpoint(f"{e}: {use}, or copy this one again if it came from elsewhere") from None
     ckpt = load_torch_file(path)  # names a file that is not a checkpoint
     try:
         state, config = ckpt["model"], ckpt["model_config"]

@@ -2,14 +2,17 @@
 for MFU, torchrun's process group, rank-0 printing (and a stopping message once per run), atomic file writes.
 Imports only torch and the standard library."""
 
+import argparse
 import contextlib
 import datetime
 import errno
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -219,10 +222,75 @@ def exit_once(message: str) -> str | int:
     return f"rank {rank}: {message}"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: the usage above the message buried it (--help still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (every rank prints when no process group is up)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------- stop signals
+
+
+class SecondSignal(BaseException):
+    """A second stop signal: the run stops at once, without a checkpoint (a BaseException, so that no
+    `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopRequest:
+    """SIGTERM (spot reclaim), SIGHUP (a closed ssh session; torchrun forwards it) or a first Ctrl-C: finish the
+    step, checkpoint, exit 0. Another signal more than a second later raises SecondSignal; one within a second is
+    the same Ctrl-C forwarded by a wrapper (uv run passes SIGINT on, so Python sees it twice). A signal ignored when
+    the process started stays ignored: nohup's SIGHUP, or SIGINT of a job a script put in the background."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    SAME_SIGNAL_S = 1.0
+    last_signal = -math.inf  # time.monotonic() of the last signal any StopRequest took (see exit_on_interrupt)
+
+    def __init__(self):
+        self.requested, self.first, self.raised = False, 0.0, False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                         if signal.getsignal(sig) != signal.SIG_IGN}
+
+    def _handle(self, signum, frame):
+        now = StopRequest.last_signal = time.monotonic()
+        if not self.requested:
+            self.requested, self.first = True, now
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print of the loop
+                again = "; press Ctrl-C again to stop at once, without one" if signum == signal.SIGINT else ""
+                os.write(2, f"{signal.Signals(signum).name}: stopping after this step (a checkpoint will be "
+                            f"saved){again}\n".encode())
+        elif now - self.first > self.SAME_SIGNAL_S and not self.raised:  # once: not again while it is handled
+            self.raised = True
+            raise SecondSignal(signum)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_on_interrupt():
+    """Outside the training loop (set-up, the summary, interpreter shutdown) Ctrl-C exits at once with one line:
+    no KeyboardInterrupt traceback, no 'Exception ignored in atexit callback'. A copy of the signal that the loop
+    already took (a wrapper forwarding it) is ignored, and so is SIGINT if it was ignored at start."""
+
+    def handle(signum, frame):
+        if time.monotonic() - StopRequest.last_signal > StopRequest.SAME_SIGNAL_S:
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"SIGINT: exiting now\n")
+            os._exit(128 + signum)
+
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handle)
 
 
 # ---------------------------------------------------------------------- files
@@ -232,8 +300,20 @@ class DiskFullError(OSError):
     """Raised instead of torch's or numpy's opaque errors when a write runs out of space."""
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e) or "iostream error" in str(e)
+def is_disk_full(e: BaseException) -> bool:
+    """e, or an exception it was raised from or while handling: torch.save reports a full disk on closing its zip
+    writer as a RuntimeError ('unexpected pos'), with the OSError(ENOSPC) of the failed write as its __context__."""
+    pending, seen = [e], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
+                or "iostream error" in str(e)):
+            return True
+        pending += [e.__cause__, e.__context__]
+    return False
 
 
 @contextmanager
@@ -251,7 +331,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise DiskFullError(errno.ENOSPC, f"no space left on the disk of {os.path.dirname(path) or '.'} "
                                 f"while writing {os.path.basename(path)}: free some space and run again") from e
         raise
