@@ -27,7 +27,8 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 def read_hf(name_or_dir: str) -> tuple[dict, dict]:
     """(HF config, state dict) of a save_pretrained directory, or of a hub name (needs transformers, internet)."""
-    if os.path.isdir(name_or_dir):
+    # a folder of HF weights holds config.json (this repo's own gpt2/ package folder is no such folder)
+    if os.path.isfile(os.path.join(name_or_dir, "config.json")):
         with open(os.path.join(name_or_dir, "config.json")) as f:
             hf = json.load(f)
         st = os.path.join(name_or_dir, "model.safetensors")
@@ -35,10 +36,11 @@ def read_hf(name_or_dir: str) -> tuple[dict, dict]:
             return hf, load_file(st)
         return hf, torch.load(os.path.join(name_or_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     if name_or_dir not in PRETRAINED:
-        raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {sorted(PRETRAINED)}")
+        raise ValueError(f"{name_or_dir!r} is neither a folder with config.json nor one of {sorted(PRETRAINED)}")
     from transformers import GPT2LMHeadModel  # optional dependency, only for hub downloads
 
-    hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+    # the full hub id: a bare "gpt2" would name this repo's gpt2/ package folder to transformers
+    hf_model = GPT2LMHeadModel.from_pretrained(f"openai-community/{name_or_dir}")
     return hf_model.config.to_dict(), hf_model.state_dict()
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import ROOT
 from gpt2.hf_io import export_hf, from_pretrained
 from gpt2.loss import chunked_cross_entropy
 from gpt2.runtime import peak_flops
@@ -52,6 +53,17 @@ def test_hf_to_ours_logits_and_loss_match(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = from_pretrained(str(tmp_path)).eval()
     assert_same_as_hf(ours, hf, tokens(3, 50))
+
+
+def test_hub_name_from_the_repo_root_goes_to_the_hub(monkeypatch):
+    """`--model gpt2` run in the repo root, beside the gpt2/ package folder: the hub's weights, not that folder."""
+    monkeypatch.chdir(ROOT)
+    hf = hf_random_model()
+    asked = []
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", lambda name: asked.append(name) or hf)
+    ours = from_pretrained("gpt2").eval()
+    assert asked == ["openai-community/gpt2"]
+    assert_same_as_hf(ours, hf, tokens(2, 20))
 
 
 @pytest.mark.parametrize("vocab_multiple", [1, 128])
