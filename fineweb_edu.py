@@ -503,6 +503,18 @@ def _fill_shards(writer: _ShardWriter, src: Source, workers: int, hub: HubFiles 
     return new_tokens
 
 
+def _check_settings(out, shard_size: int, max_tokens: int | None, workers: int | None, txt_docs: str,
+                    downloads: int) -> None:
+    if shard_size < 1 or (max_tokens is not None and max_tokens < 1) or (workers is not None and workers < 1) \
+            or downloads < 1:
+        raise SystemExit("error: --shard-size, --max-tokens, --workers and --downloads must be positive")
+    if txt_docs not in TXT_DOCS:
+        raise SystemExit(f"error: --txt-docs must be one of {TXT_DOCS}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SystemExit(f"error: --out {out} is a file; it names the folder the shards go to (a text file to "
+                         f"tokenize is --source {out})")
+
+
 def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", shard_size: int = 100_000_000,
           max_tokens: int | None = None, workers: int | None = None, txt_docs: str = "file", downloads: int = 4,
           hub_endpoint: str | None = None) -> dict:
@@ -510,18 +522,11 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
 
     hub_endpoint: the hub's base URL (default: huggingface.co, or $HF_ENDPOINT).
     """
-    if shard_size < 1 or (max_tokens is not None and max_tokens < 1) or (workers is not None and workers < 1) \
-            or downloads < 1:
-        raise SystemExit("error: --shard-size, --max-tokens, --workers and --downloads must be positive")
-    if txt_docs not in TXT_DOCS:
-        raise SystemExit(f"error: --txt-docs must be one of {TXT_DOCS}")
+    _check_settings(out, shard_size, max_tokens, workers, txt_docs, downloads)
     src = resolve_source(source, txt_docs)
     eot = gpt2_tokenizer().eot_token  # before any folder or download: offline without its cache, say so first
     workers = workers or os.cpu_count()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; it names the folder the shards go to (a text file to "
-                         f"tokenize is --source {out})")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": src.spec, "txt_docs": txt_docs, "tokenizer": "gpt2", "dtype": "uint16",
                 "shard_size": shard_size, "max_tokens": max_tokens}
