@@ -8,7 +8,9 @@ installed it; the other rows run without it), and how long a 124M checkpoint wit
     python3 -m tools.gpu_check --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
     python3 -m tools.gpu_check --only cuda-tests,fused-loss  # some sections only (the check column, - for spaces)
 
-The training-quality comparison of the presets is tools/gpu_quality.py.
+The training-quality comparison of the presets is tools/gpu_quality.py. On a GPU machine without uv or the
+internet, Liger comes along as files: `uv pip install --no-deps --target data/liger liger-kernel==0.8.5` here
+(data/ is ignored by git), carry `data`, and run there with PYTHONPATH=data/liger.
 
 Needs what the test suite needs (torch, numpy, tiktoken, pytest and the test data that tests/conftest.py names),
 not datasets, uv or the internet. Exits 1 if a check failed; the table still comes out.
