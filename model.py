@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.attention import EOT, AttentionMask, attention, attention_mask, yarn  # noqa: F401 (EOT: for importers)
-from gpt2.loss import chunked_loss
+from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
                 "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere")}
@@ -348,8 +348,12 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, return_logits: bool = True):
         """Returns (logits, loss). With return_logits=False (training) only the mean loss is computed and,
         if loss_chunk_elements > 0, chunk by chunk, so the full (B*T, vocab) logits and their gradient are
-        never held in memory (the fastest way on CPU; on CUDA a compiled full-logits loss is faster)."""
+        never held in memory (the fastest way on CPU; on CUDA a compiled full-logits loss is faster, and Liger's
+        fused loss replaces it where installed: gpt2/loss.py's fused_wanted)."""
         h = self.hidden(idx)
+        if not return_logits and not self.loss_chunk_elements and targets is not None and fused_wanted(h.device.type):
+            c = self.config
+            return None, fused_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), c.vocab_size, c.softcap)
         if not return_logits and self.loss_chunk_elements > 0:
             assert targets is not None, "return_logits=False needs targets"
             c = self.config

@@ -25,6 +25,7 @@ import hellaswag
 from gpt2.config import PRESET_DATA, TrainConfig, changed_settings, parse_config
 from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, gpt2_tokenizer, target_bytes, token_byte_lengths
 from gpt2.ema import PowerEMA, remove_snapshots_after, save_snapshot
+from gpt2.loss import fused_wanted
 from gpt2.models import build_model
 from gpt2.optim import build_optimizers, micro_steps, set_schedule, window_at
 from gpt2.runlog import Pace, RunLog
@@ -241,6 +242,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         chunked = cfg.chunked_loss == "1" or (cfg.chunked_loss == "auto" and device_type != "cuda")
+        loss_path = "chunked" if chunked else "fused (Liger)" if fused_wanted(device_type) else "full-logits"
         raw_model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if chunked else 0).to(d.device)
         self.raw_model = raw_model
         self.optimizers = build_optimizers(cfg, raw_model, device_type)
@@ -257,7 +259,8 @@ class Trainer:
         self.flops_per_token, self.peak = raw_model.flops_per_token(cfg.seq_len), mfu_peak(d.device, self.dtype)
         self.log.print(f"config: {changed_settings(cfg, preset)} (all of it: {self.run_dir}/config.json)")
         self.log.print(f"{raw_model.num_params():,} parameters | {d.world_size} x {d.device} | {self.dtype} | "
-                       f"compile {use_compile} | grad accumulation {self.grad_accum} | {self.val_batches} val batches")
+                       f"compile {use_compile} | {loss_path} loss | grad accumulation {self.grad_accum} | "
+                       f"{self.val_batches} val batches")
         self.result = {}  # the latest val loss (and EMA val loss), HellaSwag acc_norm and train loss
         self.stop = StopRequest()
         self.pace = Pace()  # the step time the log's ETA assumes

@@ -1,11 +1,55 @@
-"""The chunked LM-head loss: the mean cross-entropy of h @ weight.T computed a chunk of rows at a time, its
-gradient taken inside the same pass, so the (rows, vocab) logits of the whole batch never exist at once.
-model.GPT.forward uses it for the training loss (return_logits=False).
+"""The LM-head losses that never hold the whole batch's logits, for model.GPT.forward's training loss
+(return_logits=False): the chunked loss, the mean cross-entropy of h @ weight.T computed a chunk of rows at a time,
+its gradient taken inside the same pass; and on CUDA, where `uv sync --extra gpu` installed Liger-Kernel, its fused
+linear + cross-entropy (fused_wanted, fused_loss) in place of the full-logits loss. GPT2_FUSED_LOSS=0 turns that off.
 
-Imports only torch: model.py imports this module.
+Imports only torch: model.py imports this module, and Liger is imported on CUDA only, on first use.
 """
 
+import functools
+import os
+
 import torch
+
+FUSED_ENV = "GPT2_FUSED_LOSS"  # "0": never take Liger's fused loss (the full-logits loss instead)
+
+
+def on_cuda_machines(decorator):
+    """decorator where CUDA is available, else none: the fused loss only runs on CUDA, and torch.compiler's
+    decorators import torch._dynamo, which would cost every process on a CPU machine seconds."""
+    return decorator if torch.cuda.is_available() else lambda fn: fn
+
+
+@functools.cache
+def liger_loss_fn():
+    """Liger-Kernel's liger_fused_linear_cross_entropy, or None where the package does not import."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+# compiled: decided once, when the graph is traced, and never traced into (an import that fails breaks the graph)
+@on_cuda_machines(torch.compiler.assume_constant_result)
+def fused_wanted(device_type: str) -> bool:
+    """Whether the full-logits training loss is replaced by fused_loss: on CUDA, where Liger-Kernel imports and
+    GPT2_FUSED_LOSS is not 0. Anywhere else nothing is imported, so the CPU path never changes."""
+    return device_type == "cuda" and os.environ.get(FUSED_ENV, "1") != "0" and liger_loss_fn() is not None
+
+
+@on_cuda_machines(torch.compiler.disable)  # Liger's host-side loop over chunks (it reads .item()) runs eagerly
+def fused_loss(h, weight, targets, vocab: int, softcap: float):
+    """Mean cross-entropy of h @ weight.T through Liger-Kernel's fused linear + cross-entropy, which computes the
+    gradients a chunk of rows at a time in its forward pass, so the (rows, vocab) logits never exist at once.
+    Only the first `vocab` rows of weight go in: the padded ids can never be predicted (the -inf of the other
+    paths), and their rows get a zero gradient. softcap > 0 caps the logits inside Liger's kernel."""
+    weight = weight[:vocab]
+    if torch.is_autocast_enabled(h.device.type):  # cast once here, not in each chunk's matmuls
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    # accum_dtype: the weight's gradient summed over the chunks in fp32 (Liger >= 0.6.2)
+    return liger_loss_fn()(h, weight, targets, softcap=softcap or None, accum_dtype=torch.float32)
 
 
 def chunked_loss(h, weight, targets, vocab: int, softcap: float, chunk_rows: int):

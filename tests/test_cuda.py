@@ -1,7 +1,8 @@
 """The CUDA tier, `pytest -m cuda` (skipped without a GPU): every GPU code path against an independent reference.
-Attention kernels against the float64 CPU reference of test_arch.py, bf16 autocast against float64, both loss
-paths (eager and compiled) against plain fp32 cross-entropy, pinned loader copies against CPU batches, and the
-compiled loop with its evaluations, in one process and under torchrun."""
+Attention kernels against the float64 CPU reference of test_arch.py, bf16 autocast against float64, the loss
+paths (full, chunked, and Liger's fused one where installed; eager and compiled) against plain fp32 cross-entropy,
+pinned loader copies against CPU batches, and the compiled loop with its evaluations, in one process and under
+torchrun."""
 
 import copy
 import functools
@@ -14,10 +15,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from test_arch import naive_attention
 
+import gpt2.loss
 import train_gpt2
-from conftest import ROOT
 from gpt2.attention import attention, flex_attend
 from gpt2.config import parse_config
 from gpt2.dataloader import ShardLoader
@@ -139,7 +141,8 @@ def test_bf16_autocast_logits_of_124m_match_float64(preset):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])  # compiled: both rows of gpu_check
-def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_fp32):
+def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_fp32, monkeypatch):
+    monkeypatch.setenv(gpt2.loss.FUSED_ENV, "0")  # the full-logits loss itself, also where Liger is installed
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_multiple=128)).cuda()
     x, y = (torch.randint(0, 50257, (4, 256), device="cuda") for _ in range(2))
@@ -167,6 +170,45 @@ def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_
         assert abs(loss - ref_loss) < 5e-3, name  # measured with CPU bf16 autocast: 1e-4
         for n, ref in ref_grads.items():
             assert torch.isfinite(grads[n]).all() and rel_err(grads[n], ref) < 3e-2, (name, n)  # measured: 0.007
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])  # compiled: as the loop runs it
+def test_fused_liger_loss_in_bf16_matches_fp32_cross_entropy(compiled, softcap, exact_fp32, monkeypatch):
+    """Liger's fused LM head + cross-entropy, which the full-logits training loss becomes on CUDA where
+    `uv sync --extra gpu` installed it: on the real vocabulary's rows (padded 50257 -> 50304), soft-capped or not."""
+    pytest.importorskip("liger_kernel.transformers.functional")  # the skip reason shows why it does not import
+    monkeypatch.setenv(gpt2.loss.FUSED_ENV, "1")
+    liger, calls = gpt2.loss.liger_loss_fn(), []
+    monkeypatch.setattr(gpt2.loss, "liger_loss_fn", lambda: lambda *a, **k: calls.append(1) or liger(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_multiple=128, softcap=softcap),
+                loss_chunk_elements=0).cuda()
+    x, y = (torch.randint(0, 50257, (4, 256), device="cuda") for _ in range(2))
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def reference():  # fp32, no autocast: the real vocabulary's logits, capped, and F.cross_entropy
+        logits = model.hidden(x) @ model.lm_head.weight[: model.config.vocab_size].t()
+        logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def fused():
+        torch._dynamo.reset()  # fused_wanted is decided when the graph is traced
+        step_model = torch.compile(model) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return step_model(x, y, return_logits=False)[1]
+
+    ref_loss, ref_grads = loss_and_grads(reference)
+    loss, grads = loss_and_grads(fused)
+    assert calls, "the fused loss was not taken"
+    assert abs(loss - ref_loss) < 5e-3  # the same bound as the full and chunked losses' above
+    for n, ref in ref_grads.items():
+        assert torch.isfinite(grads[n]).all() and rel_err(grads[n], ref) < 3e-2, n
 
 
 # ---------------------------------------------------------------------- the loader

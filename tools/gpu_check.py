@@ -1,16 +1,23 @@
 """The device check of one GPU machine, as one markdown table: the CUDA tests, a training step's throughput, MFU
 and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the loop runs), the same for gpt2-124m
-at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), and how long
-a 124M checkpoint with its optimizer state takes to save.
+at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), gpt2-124m at
+B=64 with Liger-Kernel's fused LM head + cross-entropy against the full-logits loss (where `uv sync --extra gpu`
+installed it; the other rows run without it), and how long a 124M checkpoint with its optimizer state takes to save.
 
     python3 -m tools.gpu_check > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
     python3 -m tools.gpu_check --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
+    python3 -m tools.gpu_check --only cuda-tests,fused-loss  # some sections only (the check column, - for spaces)
+
+The training-quality comparison of the presets is tools/gpu_quality.py. On a GPU machine without uv or the
+internet, Liger comes along as files: `uv pip install --no-deps --target data/liger liger-kernel==0.8.5` here
+(data/ is ignored by git), carry `data`, and run there with PYTHONPATH=data/liger.
 
 Needs what the test suite needs (torch, numpy, tiktoken, pytest and the test data that tests/conftest.py names),
 not datasets, uv or the internet. Exits 1 if a check failed; the table still comes out.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -25,6 +32,7 @@ from pathlib import Path
 import torch
 
 from gpt2.config import parse_config
+from gpt2.loss import FUSED_ENV, fused_wanted
 from gpt2.models import build_model
 from gpt2.optim import build_optimizers
 from gpt2.runs import rng_state, save_checkpoint
@@ -34,6 +42,7 @@ from tools.bench import bench_steps, sync
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
 DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
+CHECKS = ("cuda-tests", "train-step", "fused-loss", "checkpoint-save")  # --only's names: the check column's
 
 
 def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
@@ -64,16 +73,51 @@ def loop_loss(device) -> str:
     return "full" if device.type == "cuda" else "chunked"
 
 
+@contextlib.contextmanager
+def fused_loss_env(value: str):
+    """GPT2_FUSED_LOSS set to value inside (gpt2/loss.py reads it when a graph is traced), as it was after."""
+    before = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FUSED_ENV]
+        else:
+            os.environ[FUSED_ENV] = before
+
+
+def measure_step(cfg, device, steps: int, warmup: int, loss_mode: str, fused: bool = False) -> dict:
+    """bench.py's bench_steps as the loop runs on this device (compiled in bf16 on CUDA, eager on the CPU), with
+    Liger's fused loss in place of the full-logits one only if fused."""
+    with fused_loss_env("1" if fused else "0"):
+        return bench_steps(cfg, device, autocast_dtype("auto", device), use_compile=device.type == "cuda",
+                           steps=steps, warmup=warmup, loss_mode=loss_mode)
+
+
 def train_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str, bool]:
-    """A training step's speed and memory through bench.py's bench_steps, as the loop runs on this device
-    (compiled in bf16 on CUDA, eager on the CPU), with the full-logits or the chunked loss."""
-    cuda = device.type == "cuda"
-    r = bench_steps(cfg, device, autocast_dtype("auto", device), use_compile=cuda, steps=steps, warmup=warmup,
-                    loss_mode=loss_mode)
+    """A training step's speed and memory with the full-logits or the chunked loss."""
+    r = measure_step(cfg, device, steps, warmup, loss_mode)
     result = f"{r['step_ms']:.1f} ms/step, {r['tok_per_s']:,.0f} tok/s"
     result += f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
     result += f", peak {r['mem_gb']:.2f} GiB" if r["mem_gb"] is not None else ""
     return result, True
+
+
+def fused_step(cfg, device, steps: int, warmup: int) -> tuple[str, bool]:
+    """Liger's fused LM head + cross-entropy against the full-logits loss, one right after the other."""
+    with fused_loss_env("1"):
+        if not fused_wanted(device.type):
+            return "skipped: needs CUDA and liger-kernel (`uv sync --extra gpu`)", True
+    runs = []
+    for fused in (True, False):
+        torch._dynamo.reset()  # fused_wanted is decided once per traced graph
+        runs.append(measure_step(cfg, device, steps, warmup, "full", fused))
+    (f, p), mem = runs, ""
+    if f["mem_gb"] is not None:
+        mem = f", peak {f['mem_gb']:.2f} vs {p['mem_gb']:.2f} GiB"
+    return (f"fused {f['step_ms']:.1f} vs full {p['step_ms']:.1f} ms/step ({f['tok_per_s']:,.0f} vs "
+            f"{p['tok_per_s']:,.0f} tok/s, {p['step_ms'] / f['step_ms'] - 1:+.1%} with Liger){mem}"), True
 
 
 def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
@@ -113,10 +157,14 @@ def sections(args, device) -> list[tuple[str, str, callable]]:
         setting = (f"{preset}{tiny} B={batch_size} T={cfg.seq_len}, {dtype}{', compiled' * (device.type == 'cuda')}, "
                    f"{loss} loss")
         out.append(("train step", setting, lambda cfg=cfg, loss=loss: train_step(cfg, device, steps, warmup, loss)))
+    cfg = bench_config(PRESETS[0], batch_sizes[1], args.dry_run)
+    out.append(("fused loss", f"{PRESETS[0]}{tiny} B={batch_sizes[1]} T={cfg.seq_len}, Liger vs full logits",
+                lambda cfg=cfg: fused_step(cfg, device, steps, warmup)))
     cfg = bench_config("gpt2-124m", 1, args.dry_run)
     out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
                 lambda: checkpoint_save(cfg, device, args.log_dir)))
-    return out
+    only = set(args.only.split(",")) if args.only else None
+    return [s for s in out if only is None or s[0].replace(" ", "-") in only]
 
 
 def main(argv=None) -> int:
@@ -125,7 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-dir", default="logs", help="the checkpoint is timed in a temporary folder in here")
     parser.add_argument("--test-timeout", type=float, default=300, help="seconds for the CUDA tests")
+    parser.add_argument("--only", help=f"comma-separated checks to run, of {', '.join(CHECKS)}; default: all")
     args = parser.parse_args(argv)
+    if args.only and not set(args.only.split(",")) <= set(CHECKS):
+        parser.error(f"--only takes checks of {', '.join(CHECKS)}, got {args.only!r}")
     device = pick_device(args.device)
     if device.type != "cuda" and not args.dry_run:
         raise SystemExit(f"gpu_check.py measures a CUDA GPU, and --device {args.device} is {device}: "
