@@ -4,18 +4,15 @@ the modes: test_arch.py), and the EMA is the average it claims to be, resumes ex
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import train_gpt2
-from conftest import ROOT
+from conftest import ROOT, spawn_ranks
 from gpt2 import config, ema
 from gpt2.constrained import EDM2GPT, ConstrainedLinear, HypersphereGPT
 from gpt2.models import build_model
@@ -133,10 +130,7 @@ def test_build_model_picks_the_mode_and_keeps_the_checkpoint_layout(mode):
     assert any(isinstance(m, ConstrainedLinear) for m in model.modules()) == (mode != "gpt2")
 
 
-def _ddp_rank(rank, world, port, switch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_rank(rank, world, switch, out):
     torch.manual_seed(0)
     model = build_model(GPTConfig(**SMALL, **switch))
     ddp = DDP(model)
@@ -157,8 +151,6 @@ def _ddp_rank(rank, world, port, switch, out):
     if rank == 0:
         torch.save(gathered, out)
     del ddp  # the DDP reducer's threads must be gone before the process group (else a rare abort at exit)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 # moe: with 8 experts, rank-local loads would leave the ranks with different routing biases (with 4, they happen not to)
@@ -169,10 +161,7 @@ DDP_CASES = {"edm2": dict(mode="edm2"), "hypersphere": dict(mode="hypersphere"),
 
 @pytest.mark.parametrize("switch", DDP_CASES.values(), ids=DDP_CASES.keys())
 def test_ddp_ranks_stay_identical(tmp_path, switch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, switch, tmp_path / "w.pt"), nprocs=2)
+    spawn_ranks(_ddp_rank, 2, switch, tmp_path / "w.pt")
     rank0, rank1 = torch.load(tmp_path / "w.pt")
     assert torch.equal(rank0, rank1)
     assert not math.isnan(rank0.sum().item())
