@@ -30,7 +30,7 @@ LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in f
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence (learned position embeddings)
+    block_size: int = 1024  # longest sequence with pos learned (its table's size); rope runs past it (see hidden)
     vocab_size: int = 50257  # real GPT-2 tokens; only these can ever be predicted
     vocab_multiple: int = 1  # pad the embedding table to a multiple of this (128 -> 50304) for faster matmuls
     n_layer: int = 12
@@ -50,7 +50,8 @@ class GPTConfig:
     rope_original_context: int = 4096  # the context the rotations are counted over (the one trained at)
     mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (width 8/3 n_embd: as many weights) | swiglu-oss (gpt-oss)
     # mixture of experts (moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width) / top_k,
-    # each token goes to its top_k; 0 = the dense MLP. top_k 1 leaves the router without gradient (softmax of one)
+    # each token goes to its top_k; 0 = the dense MLP. top_k >= 2: with 1 the router gets no gradient (softmax of
+    # one weight), so it is refused, except for a single expert (the dense MLP, where no routing is left to learn)
     moe_experts: int = 0
     moe_top_k: int = 2
     moe_bias_rate: float = 0.001  # aux-loss-free balancing: routing-bias step per optimizer step (DeepSeek-V3's gamma)
@@ -96,6 +97,8 @@ class GPTConfig:
         if self.moe_experts and not (0 < self.moe_top_k <= self.moe_experts and self.mode == "gpt2"):
             raise ValueError(f"moe_experts {self.moe_experts} needs 0 < moe_top_k <= moe_experts (got "
                              f"{self.moe_top_k}) and mode gpt2 (the constrained modes have no experts)")
+        if self.moe_experts > 1 and self.moe_top_k == 1:
+            raise ValueError("moe_top_k 1 leaves the router without gradient (softmax over one expert); use 2 or more")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -301,8 +304,10 @@ class GPT(nn.Module):
         """Final-norm hidden states (B, T, n_embd) for token ids idx (B, T)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        # the learned table has block_size rows; rope computes any position's rotation (YaRN extends the context)
+        if self.config.pos == "learned" and start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size} (the "
+                             f"learned position table's size; pos rope has no such limit)")
         x, rope = self.embed(idx, start), None
         if self.config.pos == "rope":
             rope = rope_tables(self.config, start, T, idx.device)
@@ -389,8 +394,13 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ optimization and FLOPs
 
     def hidden_matrices(self) -> list[nn.Parameter]:
-        """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms."""
-        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
+        """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms, nor
+        the weights of modules marked `adamw_only` (gates, a MoE router: AdamW keeps them, see gpt2/optim.py)."""
+        # a gate's or router's scale is its function: Muon's fixed-size steps (or the manifold's unit singular
+        # values) would override it, e.g. move a zero-initialised gate off 1 at once
+        exempt = {id(p) for m in self.transformer.h.modules() if getattr(m, "adamw_only", False)
+                  for p in m.parameters()}
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2 and id(p) not in exempt]
 
     def no_decay_params(self) -> list[nn.Parameter]:
         """Parameters weight decay leaves alone: biases, norm gains and other vectors."""

@@ -39,10 +39,11 @@ def load(args) -> GPT:
         raise SystemExit(f"error: {e}") from None
 
 
-def prompt_ids(prompt: str, enc: tiktoken.Encoding, max_new_tokens: int, block_size: int) -> list[int]:
-    """The prompt's tokens; an empty prompt starts from <|endoftext|>, as a new document would."""
+def prompt_ids(prompt: str, enc: tiktoken.Encoding, max_new_tokens: int, block_size: int | None) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from <|endoftext|>, as a new document would. block_size: the
+    longest sequence the model takes, None for no limit (pos rope: e.g. YaRN's extended context)."""
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
-    if len(ids) + max_new_tokens > block_size:
+    if block_size is not None and len(ids) + max_new_tokens > block_size:
         raise SystemExit(f"--max-new-tokens {max_new_tokens}: the prompt's {len(ids)} tokens plus the new ones exceed "
                          f"the model's block size {block_size}; ask for at most {block_size - len(ids)}")
     return ids
@@ -69,7 +70,8 @@ def main(argv=None):
     enc = gpt2_tokenizer()  # before the model: offline without its cache, say so first
     device = pick_device(args.device)
     model = load(args).to(device).eval()
-    idx = torch.tensor([prompt_ids(args.prompt, enc, args.max_new_tokens, model.config.block_size)], device=device)
+    limit = model.config.block_size if model.config.pos == "learned" else None  # rope runs past the trained context
+    idx = torch.tensor([prompt_ids(args.prompt, enc, args.max_new_tokens, limit)], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with autocast(device, autocast_dtype(args.dtype, device)):
         for i in range(args.num_samples):

@@ -28,6 +28,8 @@ set_adamw_lrs gives the AdamW beside Muon its own lrs for the embeddings, the he
 import torch
 import torch.distributed as dist
 
+from model import GATED
+
 NS5 = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932, computed for 5 steps with safety factor
 # 2e-2 and cushion 2; the values modded-nanogpt and nanochat use)
@@ -103,7 +105,8 @@ def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> 
 
 def fused_row_splits(model) -> dict[torch.nn.Parameter, tuple[int, ...]]:
     """The fused matrices of a GPT (model.py) and their row blocks: attention's c_attn = [q; k; v] (rows n_head,
-    n_kv_head, n_kv_head times the head size) and, with SwiGLU, c_fc = [gate; up]."""
+    n_kv_head, n_kv_head times the head size) and, with a gated MLP (swiglu, swiglu-oss), c_fc = [gate; up], the
+    dense MLP's and every MoE expert's (gpt2/moe.py: transformer.h.<i>.mlp.experts.<j>.c_fc)."""
     c = model.config
     head_size = c.n_embd // c.n_head
     kv_rows = (c.n_kv_head or c.n_head) * head_size
@@ -113,7 +116,7 @@ def fused_row_splits(model) -> dict[torch.nn.Parameter, tuple[int, ...]]:
             continue
         if name.endswith(".attn.c_attn.weight"):
             splits[p] = (c.n_head * head_size, kv_rows, kv_rows)
-        elif name.endswith(".mlp.c_fc.weight") and c.mlp == "swiglu":
+        elif name.endswith(".c_fc.weight") and ".mlp." in name and c.mlp in GATED:
             splits[p] = (p.shape[0] // 2,) * 2
     return splits
 

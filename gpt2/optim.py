@@ -54,7 +54,8 @@ def window_at(cfg: TrainConfig, step: int) -> int:
 
 
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
-    """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest. Each group remembers its peak lr
+    """AdamW alone, or Muon for the blocks' matrices (model.hidden_matrices: AdamW keeps the gates and MoE routers,
+    under plain and manifold Muon alike) plus AdamW for the rest. Each group remembers its peak lr
     (initial_lr) so the schedule can scale every optimizer by the same factor."""
     hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
     adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,

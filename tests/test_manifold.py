@@ -156,3 +156,34 @@ def test_optimizer_refuses_what_the_manifold_fixes():
     for option in (dict(weight_decay=0.1), dict(normuon=True), dict(fixed_norm=True)):
         with pytest.raises(ValueError, match="manifold fixes the norm"):
             ManifoldMuon([p], **option)
+
+
+@pytest.mark.parametrize("manifold", ["stiefel", "none"])
+def test_gates_and_router_stay_with_adamw(manifold):
+    """The value-embedding gates (zero at init: gate 1) and the MoE routers go to AdamW, under manifold Muon and plain
+    Muon alike: not projected onto the manifold as the optimizers are built, and a zero-gradient step leaves their
+    singular values as they were (AdamW's decoupled decay aside: zeros stay zeros)."""
+    flags = [*STEPS[:-1], manifold, "--value-embeds", "1", "--moe-experts", "4", "--pos", "rope"]
+    cfg, _ = parse_config(["--preset", "tiny", *SMALL, *flags])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    kept = {n: p for n, p in model.named_parameters() if ".attn.ve_gate." in n or ".mlp.router.weight" in n}
+    assert sum(".ve_gate." in n for n in kept) == 1 and sum(".router." in n for n in kept) == 2  # 2 layers
+    before = {n: p.detach().clone() for n, p in kept.items()}
+    adamw, muon = build_optimizers(cfg, model, "cpu")
+    assert isinstance(muon, ManifoldMuon) == (manifold == "stiefel")
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    group_of = {id(p): g for g in adamw.param_groups for p in g["params"]}
+    for n, p in kept.items():
+        assert id(p) in group_of and id(p) not in in_muon, n
+        assert torch.equal(p, before[n]), n  # not projected
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adamw.step()
+    muon.step()
+    for n, p in kept.items():
+        g = group_of[id(p)]
+        s, s0 = torch.linalg.svdvals(p.detach().double()), torch.linalg.svdvals(before[n].double())
+        assert torch.allclose(s, s0 * (1 - g["lr"] * g["weight_decay"]), rtol=1e-5, atol=0), n
+        if ".ve_gate." in n:
+            assert torch.count_nonzero(p) == 0  # the gate 2 sigmoid(0) is still 1

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import train_gpt2
 from conftest import spawn_ranks
 from gpt2.config import TrainConfig, parse_config
+from gpt2.models import build_model
 from gpt2.muon import Muon, fused_row_splits, normuon, orthogonalize
 from gpt2.optim import build_optimizers, lr_at
 from model import GPT, GPTConfig
@@ -74,6 +75,22 @@ def test_fused_row_splits_follow_the_config():
     assert sum(s is not None for s in splits.values()) == 4  # two per layer, nothing else
     gelu = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
     assert [len(s) for s in fused_row_splits(gelu).values()] == [3]  # gelu's c_fc is not fused
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "swiglu-oss"])
+def test_fused_row_splits_cover_gated_experts_and_dense_swiglu_oss(mlp):
+    """Every gated c_fc is [gate; up]: the dense MLP's of both gated kinds, and each MoE expert's."""
+    config = dict(block_size=16, n_layer=2, n_head=4, n_embd=32, mlp=mlp)
+    dense = GPT(GPTConfig(**config))
+    fc = [p for n, p in dense.named_parameters() if n.endswith(".mlp.c_fc.weight")]
+    assert [fused_row_splits(dense).get(p) for p in fc] == [(p.shape[0] // 2,) * 2 for p in fc]
+    moe = build_model(GPTConfig(**config, moe_experts=4, moe_top_k=2))
+    splits = fused_row_splits(moe)
+    experts = {n: p for n, p in moe.named_parameters() if ".mlp.experts." in n and n.endswith(".c_fc.weight")}
+    assert len(experts) == 2 * 4
+    for name, p in experts.items():
+        assert splits.get(p) == (p.shape[0] // 2, p.shape[0] // 2), name
+    assert len(splits) == 2 + len(experts)  # and the two c_attn: not the router, c_proj or anything else
 
 
 def test_weight_decay_and_cautious_decay_match_their_formulas():
