@@ -394,13 +394,8 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ optimization and FLOPs
 
     def hidden_matrices(self) -> list[nn.Parameter]:
-        """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms, nor
-        the weights of modules marked `adamw_only` (gates, a MoE router: AdamW keeps them, see gpt2/optim.py)."""
-        # a gate's or router's scale is its function: Muon's fixed-size steps (or the manifold's unit singular
-        # values) would override it, e.g. move a zero-initialised gate off 1 at once
-        exempt = {id(p) for m in self.transformer.h.modules() if getattr(m, "adamw_only", False)
-                  for p in m.parameters()}
-        return [p for p in self.transformer.h.parameters() if p.dim() == 2 and id(p) not in exempt]
+        """The 2-D weights inside the blocks (what Muon optimizes); not the embeddings/head, biases or norms."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
     def no_decay_params(self) -> list[nn.Parameter]:
         """Parameters weight decay leaves alone: biases, norm gains and other vectors."""

@@ -269,8 +269,13 @@ class Trainer:
     def restore(self, ckpt: dict, path: str, stop_step: int):
         """Weights, optimizer states, EMAs, the loader's position, the RNGs and the clock of a checkpoint."""
         self.raw_model.load_state_dict(ckpt["model"])
-        for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(state)
+        try:
+            for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
+                opt.load_state_dict(state)
+        except ValueError as e:  # the optimizers' parameter groups are not the ones it was saved with
+            raise SystemExit(f"{path}: its optimizer state does not fit this code's optimizers ({e}): the parameters' "
+                             "split between the optimizers changed since it was saved; resume it with the code that "
+                             "wrote it, or start over with --resume never") from None
         self.train_loader.load_state_dict(ckpt["loader"])
         for ema, state in zip(self.emas, ckpt.get("emas", []), strict=True):
             ema.load_state_dict(state)

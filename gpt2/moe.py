@@ -32,7 +32,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.bias_rate = config.moe_top_k, config.moe_bias_rate
         self.router = nn.Linear(config.n_embd, config.moe_experts, bias=config.bias)
-        self.router.adamw_only = True  # its logits' scale sets how sharp the routing is: not Muon's fixed-size step
+        self.router.keeps_its_scale = True  # its logits' scale is how sharp the routing is: off the Stiefel manifold
         width = max(1, MLP.dense_width(config) // config.moe_top_k)
         self.experts = nn.ModuleList(MLP(config, hidden=width) for _ in range(config.moe_experts))
         # the balancing bias: part of the routing (and of checkpoints), not a parameter

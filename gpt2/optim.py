@@ -54,10 +54,13 @@ def window_at(cfg: TrainConfig, step: int) -> int:
 
 
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
-    """AdamW alone, or Muon for the blocks' matrices (model.hidden_matrices: AdamW keeps the gates and MoE routers,
-    under plain and manifold Muon alike) plus AdamW for the rest. Each group remembers its peak lr
-    (initial_lr) so the schedule can scale every optimizer by the same factor."""
+    """AdamW alone, or Muon for the blocks' matrices (model.hidden_matrices; under manifold Muon, not the gates and
+    MoE routers: AdamW keeps those) plus AdamW for the rest. Each group remembers its peak lr (initial_lr) so the
+    schedule can scale every optimizer by the same factor."""
     hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
+    if cfg.muon_manifold == "stiefel":  # unit singular values would set a zero gate to a random one, fix a router's
+        keep = {id(p) for m in model.modules() if getattr(m, "keeps_its_scale", False) for p in m.parameters()}
+        hidden = [p for p in hidden if id(p) not in keep]
     adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
                                        exclude=hidden)
     if cfg.adam_embed_lr or cfg.adam_head_lr or cfg.adam_scalar_lr:

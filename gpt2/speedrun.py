@@ -31,7 +31,7 @@ class SpeedrunAttention(CausalSelfAttention):
         if has_value_embed(config, layer):  # reads the first channels of the input, as nanochat's gate does
             self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
             self.ve_gate.starts_at_zero = True  # gate 2 sigmoid(0) = 1: the values plus the embedding at init
-            self.ve_gate.adamw_only = True  # Muon (the manifold's above all) would move the gate off 1 at once
+            self.ve_gate.keeps_its_scale = True  # off the Stiefel manifold: unit singular values would move it off 1
 
     def forward(self, x, rope=None, cache=None, mask=None, ve=None):
         return self.c_proj(self.heads(x, rope, cache, mask, ve))

@@ -218,3 +218,22 @@ def test_resume_takes_the_same_data_folder_spelled_otherwise(shards, tmp_path, m
     # ./shakespeare and shakespeare/ for the absolute path the run started with
     assert run(f"./{Path(shards).name}/", tmp_path, "--max-steps", "4", "--val-every", "0",
                "--sample-every", "0")["step"] == 4
+
+
+def test_a_checkpoint_whose_optimizer_split_changed_is_refused_in_one_line(shards, tmp_path, monkeypatch):
+    """A checkpoint saved when Muon held other matrices (e.g. manifold Muon's gates before they went to AdamW):
+    its optimizer state cannot be loaded, and the message says so instead of torch's traceback."""
+    args = ["--optimizer", "muon", "--max-steps", "4", "--checkpoint-every", "2", "--val-every", "0",
+            "--sample-every", "0"]
+    run(shards, tmp_path, *args, "--stop-at", "2")
+    build = train_gpt2.build_optimizers
+
+    def one_matrix_less(cfg, model, device_type):  # the first block matrix moves from Muon to AdamW
+        first = model.hidden_matrices()[0]
+        monkeypatch.setattr(type(model), "hidden_matrices", lambda self: [p for p in self.transformer.h.parameters()
+                                                                          if p.dim() == 2 and p is not first])
+        return build(cfg, model, device_type)
+
+    monkeypatch.setattr(train_gpt2, "build_optimizers", one_matrix_less)
+    with pytest.raises(SystemExit, match=r"ckpt_0000002.pt: its optimizer state does not fit this code's optimizers"):
+        run(shards, tmp_path, *args)
