@@ -199,19 +199,20 @@ def field_choices(f: dataclasses.Field) -> tuple | None:
     return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
 
 
+def flag_values(cfg: TrainConfig) -> dict:
+    """Every flag's value in cfg, its model's fields included."""
+    return {f.name: getattr(cfg, f.name) for f in TRAIN_FIELDS} | {f.name: getattr(cfg.model, f.name)
+                                                                   for f in MODEL_FIELDS}
+
+
 def preset_values(preset: str) -> dict:
     """Every flag's value under a preset before any other flag (run_name: the preset's name)."""
-    defaults = TrainConfig()
-    values = {f.name: getattr(defaults, f.name) for f in TRAIN_FIELDS}
-    values |= {f.name: getattr(defaults.model, f.name) for f in MODEL_FIELDS}
-    return values | PRESETS[preset] | {"run_name": preset}
+    return flag_values(TrainConfig()) | PRESETS[preset] | {"run_name": preset}
 
 
 def changed_settings(cfg: TrainConfig, preset: str) -> str:
     """'preset tiny, changed: max_steps=20, val_every=10': a run's settings in one line (config.json has them all)."""
-    current = {f.name: getattr(cfg, f.name) for f in TRAIN_FIELDS} | {f.name: getattr(cfg.model, f.name)
-                                                                      for f in MODEL_FIELDS}
-    base = preset_values(preset)
+    current, base = flag_values(cfg), preset_values(preset)
 
     def shown(v):  # as a flag takes it: 0/1 for switches, quotes only around text with spaces
         return int(v) if isinstance(v, bool) else repr(v) if isinstance(v, str) and (" " in v or not v) else v

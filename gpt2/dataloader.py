@@ -53,6 +53,11 @@ def build_command(data_dir: str | Path, manifest: dict | None = None) -> str:
     return shlex.join(args)
 
 
+def shards_identity(shards: list[dict]) -> str:
+    """A hash over manifest shard entries' file names and sha256s: other tokens or settings, another identity."""
+    return hashlib.sha256("\n".join(f"{s['file']} {s['sha256']}" for s in shards).encode()).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,7 +5,6 @@ ema.py (load_model)."""
 
 import fcntl
 import glob
-import hashlib
 import os
 import random
 import socket
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from gpt2.config import MODEL_FIELDS, RESUME_MUST_MATCH, TrainConfig
-from gpt2.dataloader import read_manifest
+from gpt2.dataloader import read_manifest, shards_identity
 from gpt2.models import build_model
 from gpt2.runtime import (
     Sha256Writer,
@@ -195,8 +194,7 @@ def set_rng_state(state: dict):
 def data_identity(data_dir: str) -> str:
     """A hash over the manifest's shard list (file names and sha256s): the same folder rebuilt from another
     source, or with other settings, gets another identity."""
-    shards = read_manifest(data_dir)["shards"]
-    return hashlib.sha256("\n".join(f"{s['file']} {s['sha256']}" for s in shards).encode()).hexdigest()
+    return shards_identity(read_manifest(data_dir)["shards"])
 
 
 def check_resume_data(ckpt: dict, data_id: str, path: str, data_dir: str):

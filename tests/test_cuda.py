@@ -140,18 +140,20 @@ def test_bf16_autocast_logits_of_124m_match_float64(preset):
     assert rel_err(logits, expected) < 0.03  # measured with CPU bf16 autocast, same rounding points: 0.008
 
 
+def loss_and_grads(model, loss_fn):
+    """The loss loss_fn() computes for model, and every parameter's gradient of it."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])  # compiled: both rows of gpu_check
 def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_fp32, monkeypatch):
     monkeypatch.setenv(gpt2.loss.FUSED_ENV, "0")  # the full-logits loss itself, also where Liger is installed
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_multiple=128)).cuda()
     x, y = (torch.randint(0, 50257, (4, 256), device="cuda") for _ in range(2))
-
-    def loss_and_grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     def reference():  # fp32, no autocast: the logits of the real vocabulary and F.cross_entropy
         logits = model.hidden(x) @ model.lm_head.weight[: model.config.vocab_size].t()
@@ -164,9 +166,9 @@ def test_full_and_chunked_loss_in_bf16_match_fp32_cross_entropy(compiled, exact_
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return step_model(x, y, return_logits=False)[1]
 
-    ref_loss, ref_grads = loss_and_grads(reference)
+    ref_loss, ref_grads = loss_and_grads(model, reference)
     for name, chunk_elements in [("full", 0), ("chunked", 2**20)]:  # chunked: 20 rows a chunk, 52 chunks
-        loss, grads = loss_and_grads(lambda: bf16_loss(chunk_elements))
+        loss, grads = loss_and_grads(model, lambda: bf16_loss(chunk_elements))
         assert abs(loss - ref_loss) < 5e-3, name  # measured with CPU bf16 autocast: 1e-4
         for n, ref in ref_grads.items():
             assert torch.isfinite(grads[n]).all() and rel_err(grads[n], ref) < 3e-2, (name, n)  # measured: 0.007
@@ -186,12 +188,6 @@ def test_fused_liger_loss_in_bf16_matches_fp32_cross_entropy(compiled, softcap, 
                 loss_chunk_elements=0).cuda()
     x, y = (torch.randint(0, 50257, (4, 256), device="cuda") for _ in range(2))
 
-    def loss_and_grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
     def reference():  # fp32, no autocast: the real vocabulary's logits, capped, and F.cross_entropy
         logits = model.hidden(x) @ model.lm_head.weight[: model.config.vocab_size].t()
         logits = softcap * torch.tanh(logits / softcap) if softcap else logits
@@ -203,8 +199,8 @@ def test_fused_liger_loss_in_bf16_matches_fp32_cross_entropy(compiled, softcap, 
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return step_model(x, y, return_logits=False)[1]
 
-    ref_loss, ref_grads = loss_and_grads(reference)
-    loss, grads = loss_and_grads(fused)
+    ref_loss, ref_grads = loss_and_grads(model, reference)
+    loss, grads = loss_and_grads(model, fused)
     assert calls, "the fused loss was not taken"
     assert abs(loss - ref_loss) < 5e-3  # the same bound as the full and chunked losses' above
     for n, ref in ref_grads.items():

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from gpt2.dataloader import DataError, read_manifest
+from gpt2.dataloader import DataError, read_manifest, shards_identity
 
 KIND = "gpt2_val_reference"  # marks a cache file among other JSON files
 SUBDIR = "reference"  # the cache folder under a log dir: logs/reference/
@@ -28,8 +28,7 @@ SUBDIR = "reference"  # the cache folder under a log dir: logs/reference/
 
 def val_identity(manifest: dict) -> str:
     """A hash over the val shards' names and sha256s: the val tokens, whatever the train split holds."""
-    shards = [s for s in manifest["shards"] if s["split"] == "val"]
-    return hashlib.sha256("\n".join(f"{s['file']} {s['sha256']}" for s in shards).encode()).hexdigest()
+    return shards_identity([s for s in manifest["shards"] if s["split"] == "val"])
 
 
 def data_val_identity(data_dir) -> str | None:
