@@ -396,12 +396,13 @@ class Trainer:
         schedules |= {"window": window_at(cfg, self.step - 1)} if cfg.window_start else {}
         loads = self.raw_model.moe_loads() if hasattr(self.raw_model, "moe_loads") else None
         schedules |= {"moe_loads": loads} if loads is not None else {}  # per layer, each expert's token fraction
+        used = self.train_loader.data_used  # the share of the train tokens read so far that were targets
         self.event("train", loss=s.loss, lr=lr, grad_norm=s.grad_norm, dt_ms=s.seconds * 1000, tok_per_s=tok_per_s,
-                   mfu=mfu, mem_gb=mem, **schedules)
+                   mfu=mfu, mem_gb=mem, data_used=used, **schedules)
         self.pace.update(s.seconds)
         fields = (f"loss {s.loss:.6f} | lr {lr:.2e} | norm {s.grad_norm:.3f} | {s.seconds * 1000:.0f} ms | "
                   f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                  + (f" | {mem:.1f} GiB" if mem else ""))
+                  + (f" | {mem:.1f} GiB" if mem else "") + f" | data used {used:.1%}")
         self.log.print(self.pace.line(self.step, self.cadence.stop_step, self.tokens(), self.elapsed(), fields))
 
     def summary(self, stopping: bool, resumed_at: int) -> str | None:

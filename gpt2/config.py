@@ -3,20 +3,23 @@ and parse_config, the command line that builds a TrainConfig and refuses flags t
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import re
 import tokenize
 from dataclasses import dataclass, field
 
+from gpt2.dataloader import ALIGN_MODES
 from gpt2.runtime import OneLineParser
 from gpt2.sync import command_problem
 from model import ARCH_CHOICES, GPTConfig
 
 
-def choice(*values: str):
-    """A field that takes one of values, the first being its default: argparse and TrainConfig both check it."""
-    return field(default=values[0], metadata={"choices": values})
+def choice(*values: str, legacy: dict | None = None):
+    """A field that takes one of values, the first being its default: argparse and TrainConfig both check it.
+    legacy: the values it took in older versions (their command lines, configs and checkpoints) -> today's."""
+    return field(default=values[0], metadata={"choices": values, "legacy": legacy or {}})
 
 
 @dataclass
@@ -26,7 +29,10 @@ class TrainConfig:
     log_dir: str = "logs"  # a run lives in log_dir/run_name/
     run_name: str = ""  # default: the preset's name
     resume: str = "auto"  # auto: latest checkpoint of this run if any | never | path/to/ckpt.pt
-    align_docs: bool = False  # every train row starts at a document's <|endoftext|> (dataloader.ShardLoader)
+    # train rows start at a document's <|endoftext|> (gpt2/packing.py); crop: the rest of a row's last document is
+    # dropped (on long documents most tokens); pack: best-fit packing puts it in a later row, almost nothing dropped;
+    # 1 (when it was a switch) = crop
+    align_docs: str = choice(*ALIGN_MODES, legacy={False: "0", True: "crop", "1": "crop"})
     shuffle: bool = False  # train shards and windows in a seeded random order per epoch
     # the model: every GPTConfig field (model.py) is a flag too (--n-layer 4, --norm rmsnorm, ...); block_size =
     # seq_len, and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
@@ -97,8 +103,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
-                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+            if "choices" in f.metadata:
+                setattr(self, f.name, current_value(f.name, getattr(self, f.name)))
+                if getattr(self, f.name) not in f.metadata["choices"]:
+                    raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
 
 
 TINY = dict(
@@ -111,7 +119,7 @@ TINY = dict(
 # orthogonalized apart (the one option of the "muon" suite that won beyond its seed spread).
 MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True, muon_split=True)
 # The speedruns' switches that won the "speedrun" suite on top of the modern preset (BENCHMARKS.md, "speedrun").
-SPEEDRUN = dict(MODERN, doc_mask=True, align_docs=True, value_embeds=True, unet=True)
+SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True)
 # The constrained modes at their papers' settings, scaled to TINY's 300 steps.
 EDM2 = dict(
     mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
@@ -137,6 +145,7 @@ PRESETS = {
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"
                for name in PRESETS if name.startswith("tiny")}
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+LEGACY = {f.name: f.metadata["legacy"] for f in TRAIN_FIELDS if f.metadata.get("legacy")}
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
 
 # Descriptions of the model fields that model.py leaves without a comment.
@@ -194,6 +203,11 @@ def field_comments(cls) -> dict[str, str]:
     return result
 
 
+def current_value(name: str, value):
+    """A TrainConfig field's value as an older version wrote it (command line, config.json, checkpoint), as today's."""
+    return LEGACY[name].get(value, value) if name in LEGACY else value
+
+
 def field_choices(f: dataclasses.Field) -> tuple | None:
     """The allowed values of a string field: TrainConfig's fields carry theirs, model.py's are in ARCH_CHOICES."""
     return f.metadata.get("choices", ARCH_CHOICES.get(f.name))
@@ -236,7 +250,8 @@ def parse_config(argv=None, description: str | None = None) -> tuple[TrainConfig
         is_bool = f.type is bool
         about = comments.get(f.name, "").replace("%", "%%")
         default = int(defaults[f.name]) if is_bool else defaults[f.name]
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else f.type, default=None,
+        parse = functools.partial(current_value, f.name) if f.name in LEGACY else f.type  # --align-docs 1: crop
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if is_bool else parse, default=None,
                             choices=[0, 1] if is_bool else field_choices(f),
                             help=f"{about} [{preset}: {default!r}]".lstrip())
     args = parser.parse_args(argv)

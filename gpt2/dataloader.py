@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2.packing import EOT, Rows, cropped_rows, gather, packed_rows  # noqa: F401 (EOT: for importers)
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("val", "train")
 MANIFEST_KEYS = ("source", "txt_docs", "tokenizer", "dtype", "shard_size", "max_tokens", "complete", "shards")
 SHARD_KEYS = ("file", "split", "tokens", "docs", "sha256", "resume_doc", "resume_offset")
-EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
+ALIGN_MODES = ("0", "crop", "pack")  # ShardLoader's align_docs: off, or how rows are aligned (gpt2/packing.py)
 VOCAB = 50257  # GPT-2's token ids are 0..VOCAB-1; the model's embedding has no row for a larger one
 OFFLINE_HINT = "offline or small: add `--source path/to/text.txt --txt-docs paragraphs --shard-size 100000`"
 
@@ -182,18 +184,6 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return float(total_nats) / (math.log(2) * float(total_bytes))
 
 
-def document_rows(tokens: np.ndarray, row_len: int) -> np.ndarray:
-    """Start offsets of a shard's document-aligned rows of row_len tokens: the first at the shard's first
-    <|endoftext|>, each next one at the first <|endoftext|> at or after the end of the row before."""
-    eots = np.flatnonzero(tokens == EOT)
-    after = np.searchsorted(eots, eots + row_len).tolist()  # for the row at eots[i], the next row's i
-    eots, last, starts, i = eots.tolist(), len(tokens) - row_len, [], 0
-    while i < len(eots) and eots[i] <= last:
-        starts.append(eots[i])
-        i = after[i]
-    return np.array(starts, dtype=np.int64)
-
-
 class ShardLoader:
     """Batches of one split for rank `rank` of `world_size`, read from memory-mapped shards.
 
@@ -202,30 +192,32 @@ class ShardLoader:
     would run past the shard's end moves to the next shard; after the last one the split starts over
     (epoch += 1). The tail of each shard shorter than a window is skipped.
 
-    align_docs: every row is T+1 tokens of the shard that start at an <|endoftext|>: the document that it opens,
-    then the documents after it, in order, until the row is full; the next row starts at the next <|endoftext|>
-    (document_rows). A window is then W*B consecutive rows, rank r taking B of them from the r*B-th. Dropped: the
-    rest of every row's last document (cut at the row's end; a document longer than T+1 tokens keeps its first
-    T+1), a shard's tokens before its first <|endoftext|> (the end of a document begun in the shard before), the
-    last document of a shard that does not fit a row, and the rows after a shard's last whole window.
+    align_docs "crop" or "pack": every row is T+1 tokens that start at an <|endoftext|>, laid out once per shard
+    by gpt2/packing.py. crop: slices of the shard, each from an <|endoftext|> on, the rest of every row's last
+    document dropped; pack: the documents best-fit packed, a cut document's rest in a later row behind an
+    <|endoftext|> of its own, so that (almost) every token is a target once. A window is then W*B consecutive rows
+    of the shard's, rank r taking B of them from the r*B-th; the rows after a shard's last whole window are dropped.
 
     shuffle: every epoch visits the shards in a random order and each shard's windows in a random order, both
     drawn from (seed, epoch) (and the shard): each window once per epoch, the same order for every rank.
 
+    data_used: the share of the tokens read so far that were targets, where a served window counts its targets
+    (of all ranks) and reads an equal share of its shard: exact for every shard served whole.
+
     State: epoch, shard (with shuffle, the position in that epoch's shard order) and pos (the token offset of
-    the next window; with align_docs or shuffle, how many of the shard's windows were served).
-    Shard headers and sizes are checked against the manifest on construction; verify=True also checks each
-    shard's sha256, which reads every shard of the split once. A shard's token ids are checked against the
+    the next window; with align_docs or shuffle, how many of the shard's windows were served), and data_used's
+    two counts. Shard headers and sizes are checked against the manifest on construction; verify=True also checks
+    each shard's sha256, which reads every shard of the split once. A shard's token ids are checked against the
     vocabulary the first time it is opened.
     """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", verify: bool = False,
-                 align_docs: bool = False, shuffle: bool = False, seed: int = 0):
+                 align_docs: str = "0", shuffle: bool = False, seed: int = 0):
         import torch
 
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        if split not in SPLITS or align_docs not in ALIGN_MODES:
+            raise ValueError(f"need split in {SPLITS} and align_docs in {ALIGN_MODES}, got {split!r}, {align_docs!r}")
         if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
             raise ValueError("need batch_size, seq_len >= 1 and 0 <= rank < world_size, "
                              f"got {batch_size=} {seq_len=} {rank=} {world_size=}")
@@ -245,13 +237,13 @@ class ShardLoader:
                              f"step needs (batch_size*seq_len*world_size + 1 = {self.window + 1}); lower batch_size or "
                              "seq_len, or rebuild with a larger --shard-size")
         self.device = torch.device(device)
-        self.align_docs, self.shuffle, self.seed = align_docs, shuffle, seed
+        self.align_docs, self.aligned, self.shuffle, self.seed = align_docs, align_docs != "0", shuffle, seed
         self._tokens: np.ndarray | None = None  # memory map of shard self._open
         self._open = -1
-        self._rows: np.ndarray | None = None  # document_rows of shard self._open (align_docs)
+        self._rows: Rows | None = None  # the rows of shard self._open (align_docs)
         self._order_key, self._order = None, None  # the window order of one (epoch, shard) (shuffle)
         # any() stops at the first shard that holds a window: usually one scan of one shard
-        if align_docs and not any(self._windows(i) for i in range(len(self.paths))):
+        if self.aligned and not any(self._windows(i) for i in range(len(self.paths))):
             raise ValueError(f"no {split} shard of {data_dir} holds batch_size*world_size = {batch_size * world_size} "
                              f"document-aligned rows of seq_len+1 = {seq_len + 1} tokens; lower them, or turn "
                              "align_docs off")
@@ -259,26 +251,35 @@ class ShardLoader:
 
     def reset(self) -> None:
         self.shard, self.pos, self.epoch = 0, 0, 0
+        self.targets, self.read = 0, 0  # data_used's counts
+
+    @property
+    def data_used(self) -> float:
+        return self.targets / max(self.read, 1)
 
     def state_dict(self) -> dict:
-        state = {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
-        return state | ({"align_docs": 1} if self.align_docs else {}) | ({"seed": self.seed} if self.shuffle else {})
+        state = {"shard": self.shard, "pos": self.pos, "epoch": self.epoch, "targets": self.targets, "read": self.read}
+        state |= {"align_docs": self.align_docs} if self.aligned else {}
+        return state | ({"seed": self.seed} if self.shuffle else {})
 
     def load_state_dict(self, state: dict) -> None:
         shard, pos, epoch = (int(state[k]) for k in ("shard", "pos", "epoch"))
         if not (0 <= shard < len(self.paths) and pos >= 0 and epoch >= 0):
             raise ValueError(f"loader state {state} does not fit this split's {len(self.paths)} shards")
-        # states from before align_docs and shuffle have neither key: both were off
-        if (bool(state.get("align_docs")), state.get("seed")) != (self.align_docs, self.seed if self.shuffle else None):
+        # states from before align_docs and shuffle have neither key: both were off; before pack, align_docs 1 cropped
+        align = "crop" if state.get("align_docs") == 1 else state.get("align_docs", "0")
+        if (align, state.get("seed")) != (self.align_docs, self.seed if self.shuffle else None):
             raise ValueError(f"loader state {state} was saved with other data options than align_docs="
-                             f"{int(self.align_docs)}, shuffle={int(self.shuffle)}, seed={self.seed}: resume with "
+                             f"{self.align_docs}, shuffle={int(self.shuffle)}, seed={self.seed}: resume with "
                              "the options it was saved with")
         self.shard, self.pos, self.epoch = shard, pos, epoch
+        # states from before data_used have no counts: it counts from the resumed step on
+        self.targets, self.read = int(state.get("targets", 0)), int(state.get("read", 0))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        if self.align_docs or self.shuffle:
+        if self.aligned or self.shuffle:
             buf = torch.from_numpy(self._next_window())
         else:
             while self.pos + self.window + 1 > self.sizes[self.shard]:
@@ -287,6 +288,7 @@ class ShardLoader:
                     self.shard, self.epoch = 0, self.epoch + 1
             start = self.pos + self.rank * self.B * self.T
             buf = torch.from_numpy(self._open_shard(self.shard)[start : start + self.B * self.T + 1].astype(np.int64))
+            self._count(self.shard, self.pos // self.window, self.window)
             self.pos += self.window
         if self.device.type == "cuda":
             # page-locked host memory lets the copy overlap with the GPU work that is still queued
@@ -297,20 +299,27 @@ class ShardLoader:
             return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
+    def _count(self, index: int, served: int, targets: int) -> None:
+        """data_used's counts after serving the served-th window of shard `index` (from 0), which has `targets`."""
+        windows, size = self._windows(index), self.sizes[index]
+        self.targets += targets
+        self.read += size * (served + 1) // windows - size * served // windows  # the shard's size once all are served
+
     def _open_shard(self, index: int) -> np.ndarray:
         if self._open != index:
             self._tokens, self._open = np.load(self.paths[index], mmap_mode="r"), index
             if index not in self._ids_checked:  # else the embedding's IndexError at the first step that reads it
                 check_token_ids(self.paths[index], self._tokens, self.data_dir, self.manifest)
                 self._ids_checked.add(index)
-            self._rows = document_rows(self._tokens, self.T + 1) if self.align_docs else None
+            layout = {"crop": cropped_rows, "pack": packed_rows}.get(self.align_docs)
+            self._rows = layout(self._tokens, self.T + 1) if layout else None
         return self._tokens
 
     def _windows(self, index: int) -> int:
         """How many windows shard `index` holds."""
-        if self.align_docs:
+        if self.aligned:
             self._open_shard(index)
-            return len(self._rows) // (self.B * self.world_size)
+            return len(self._rows.targets) // (self.B * self.world_size)
         return (self.sizes[index] - 1) // self.window
 
     def _shard_index(self) -> int:
@@ -327,18 +336,20 @@ class ShardLoader:
             if self.shard == len(self.paths):
                 self.shard, self.epoch = 0, self.epoch + 1
         index = self._shard_index()
-        tokens, window = self._open_shard(index), self.pos
+        tokens, window, served = self._open_shard(index), self.pos, self.pos
         if self.shuffle:
             if self._order_key != (self.epoch, index):
                 rng = np.random.default_rng([self.seed, self.epoch, index])
                 self._order_key, self._order = (self.epoch, index), rng.permutation(self._windows(index))
             window = int(self._order[self.pos])
         self.pos += 1
-        if not self.align_docs:
+        if not self.aligned:
+            self._count(index, served, self.window)
             start = window * self.window + self.rank * self.B * self.T
             return tokens[start : start + self.B * self.T + 1].astype(np.int64)
-        first = (window * self.world_size + self.rank) * self.B
-        return np.stack([tokens[s : s + self.T + 1] for s in self._rows[first : first + self.B]]).astype(np.int64)
+        first = window * self.B * self.world_size
+        self._count(index, served, int(self._rows.targets[first : first + self.B * self.world_size].sum()))
+        return gather(tokens, self._rows, first + self.rank * self.B, self.B)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from gpt2.config import MODEL_FIELDS, RESUME_MUST_MATCH, TrainConfig
+from gpt2.config import MODEL_FIELDS, RESUME_MUST_MATCH, TrainConfig, current_value
 from gpt2.dataloader import read_manifest, shards_identity
 from gpt2.models import build_model
 from gpt2.runtime import (
@@ -206,10 +206,11 @@ def check_resume_data(ckpt: dict, data_id: str, path: str, data_dir: str):
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
-    # a setting missing from an older checkpoint did not exist then: the run had it at its default (off)
+    # a setting missing from an older checkpoint did not exist then: the run had it at its default (off); an older
+    # value of a setting reads as today's (current_value)
     defaults = TrainConfig()
     saved_model = saved.get("model", saved)  # older checkpoints kept n_layer etc. at the top level
-    pairs = [(k, saved.get(k, getattr(defaults, k)), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
+    pairs = [(k, current_value(k, saved.get(k, getattr(defaults, k))), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
     pairs += [(f.name, saved_model.get(f.name, getattr(defaults.model, f.name)), getattr(cfg.model, f.name))
               for f in MODEL_FIELDS]
     diff = [f"--{k.replace('_', '-')}: checkpoint {old!r}, now {new!r}" for k, old, new in pairs

@@ -84,7 +84,7 @@ def assert_restores(loader, states, batches, at, count: int):
     """A fresh loader() given states[k] (through JSON: plain ints survive it) serves batches[k : k + count]."""
     for k in at:
         state = json.loads(json.dumps(states[k]))
-        assert all(type(v) is int for v in states[k].values())
+        assert all(type(v) is int for name, v in states[k].items() if name != "align_docs")
         restored = loader()
         restored.load_state_dict(state)
         for x, y in batches[k : k + count]:
@@ -106,8 +106,9 @@ def test_state_dict_restores_exactly(data_dir):
         loader().load_state_dict({"shard": 99, "pos": 0, "epoch": 0})
 
 
-OPTIONS = {"aligned": dict(align_docs=True), "shuffled": dict(shuffle=True, seed=5),
-           "aligned-shuffled": dict(align_docs=True, shuffle=True, seed=5)}
+OPTIONS = {"aligned": dict(align_docs="crop"), "shuffled": dict(shuffle=True, seed=5),
+           "aligned-shuffled": dict(align_docs="crop", shuffle=True, seed=5),
+           "packed-shuffled": dict(align_docs="pack", shuffle=True, seed=5)}
 
 
 def write_shards(out: Path, train: list[list[int]]) -> Path:
@@ -133,26 +134,26 @@ def test_aligned_rows_of_hand_made_shards(tmp_path):
     # rows of 5 tokens (seq_len 4), worked out by hand: 7, 8 precede the first document; "E 4 5 6 9 9 9" is cut
     # after 9 and the next row starts at the next E; "E 1 2 3" is cut after 2; "E 5" and "E 6" do not fit a row
     rows = [[E, 1, 2, E, 3], [E, 4, 5, 6, 9], [E, 6, E, 1, 2], [E, 1, 2, 3, 4]]
-    loader = ShardLoader(data, "train", 1, 4, align_docs=True)
+    loader = ShardLoader(data, "train", 1, 4, align_docs="crop")
     for row in rows + rows[:2]:
         x, y = loader.next_batch()
         assert x.tolist() == [row[:-1]] and y.tolist() == [row[1:]]
     assert loader.epoch == 1
     # batches of 2 rows: the first shard's third row is short of a window, the second shard holds none
-    loader = ShardLoader(data, "train", 2, 4, align_docs=True)
+    loader = ShardLoader(data, "train", 2, 4, align_docs="crop")
     for _ in range(2):
         x, y = loader.next_batch()
         assert x.tolist() == [r[:-1] for r in rows[:2]] and y.tolist() == [r[1:] for r in rows[:2]]
     assert loader.epoch == 1
     with pytest.raises(ValueError, match="no train shard .* holds batch_size\\*world_size = 4 document-aligned rows"):
-        ShardLoader(data, "train", 4, 4, align_docs=True)
+        ShardLoader(data, "train", 4, 4, align_docs="crop")
 
 
 def test_aligned_rows_start_at_documents(data_dir):
     """On real shards: every row is a slice of its shard that starts at an <|endoftext|>, and the next row of the
     shard starts at the first <|endoftext|> at or after the row's end (only a document's rest is skipped)."""
     T, raw = 16, shards(data_dir, "train")
-    loader = ShardLoader(data_dir, "train", 3, T, align_docs=True)
+    loader = ShardLoader(data_dir, "train", 3, T, align_docs="crop")
     last = None  # ((shard, epoch), end of the last row)
     while loader.epoch < 1 or loader.pos < 3:  # past shard ends and the epoch wrap
         x, y = loader.next_batch()
@@ -173,7 +174,7 @@ def epoch_windows(loader: ShardLoader, steps: int) -> list[tuple]:
     return [(tuple(x.flatten().tolist()), tuple(y[:, -1].tolist())) for x, y in batches]
 
 
-@pytest.mark.parametrize("align", [False, True], ids=["", "aligned"])
+@pytest.mark.parametrize("align", ["0", "crop", "pack"])
 def test_shuffle_visits_every_window_once_in_a_seeded_order(data_dir, align):
     B, T = 2, 16
 
@@ -220,7 +221,7 @@ def test_state_dict_restores_exactly_with_options(data_dir, options):
     ends = [k for k in range(1, len(states)) if states[k]["shard"] != states[k - 1]["shard"]]
     assert_restores(loader, states, batches, [0, 1, len(states) // 2, *ends[:2], ends[-1], len(states) - 3], count=3)
     # a state of other options (or of a checkpoint from before them: no keys, both off) is refused
-    other = loader(align_docs=not options.get("align_docs", False))
+    other = loader(align_docs={"0": "crop", "crop": "pack", "pack": "0"}[options.get("align_docs", "0")])
     with pytest.raises(ValueError, match="other data options"):
         other.load_state_dict(states[1])
     with pytest.raises(ValueError, match="other data options"):
@@ -232,11 +233,11 @@ def test_doc_mask_aligned_shuffled_training_step(data_dir, tmp_path):
                               "r", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
                               "--seq-len", "32", "--total-batch-size", "256", "--val-tokens", "512",
                               "--hellaswag-every", "0", "--warmup-steps", "2", "--vocab-multiple", "128",
-                              "--sample-every", "0", "--max-steps", "2", "--doc-mask", "1", "--align-docs", "1",
+                              "--sample-every", "0", "--max-steps", "2", "--doc-mask", "1", "--align-docs", "pack",
                               "--shuffle", "1"])
     assert math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["align_docs"] and config["shuffle"] and config["model"]["doc_mask"]
+    assert config["align_docs"] == "pack" and config["shuffle"] and config["model"]["doc_mask"]
 
 
 def test_val_reset_repeats_the_same_batches(data_dir):
