@@ -3,7 +3,7 @@
 
 crop (document_rows): each row is the slice of the shard from an <|endoftext|> on; the next row starts at the first
 <|endoftext|> at or after its end, so the rest of every row's last document is dropped. On documents much longer
-than a row that is most of the shard (at T=128 on ~3,000-token documents, about four tokens in five).
+than a row that is most of the shard: of ~3,000-token documents it trains on about a fifth at T=1024, 4% at T=128.
 
 pack (packed_rows): best-fit packing, after nanochat's BOS-aligned best-fit loader (karpathy/nanochat
 nanochat/dataloader.py @ 92d63d4, tokenizing_distributed_data_loader_with_state_bos_bestfit: a buffer of 1000
@@ -19,13 +19,14 @@ The rule: the pieces are the shard's documents in order (each from its <|endofte
 shard starts inside a document, the tokens before its first <|endoftext|>. A pool of up to `pool` pieces is topped
 up in shard order before each pick. A row takes the longest piece that fits the room left, again and again; when
 none fits, it takes the head of the longest piece to fill the room exactly, and the rest returns to the pool (ties:
-the piece that comes first in the shard). So while the pool holds a document longer than a row, which has to be cut
+the piece that comes first in the shard). So while the pool holds a piece longer than a row, which has to be cut
 somewhere, no shorter one is cut.
 
 A piece is a slice of the shard whose first token is read as <|endoftext|>: a cropped rest's slice starts at the
-last token of its head, a target in the head's row. Rows are segment lists, built once per shard (a Python loop
-over the pieces: about 0.2 s per 100M tokens at T=1024), so any window of rows is read directly: exact resume and
-DDP ranks as for unaligned windows.
+last token of its head, a target in the head's row. Rows are segment lists, built once per shard when it opens, so
+any window of rows is read directly: exact resume and DDP ranks as for unaligned windows. The best fit is a Python
+loop over the pieces: per 100M tokens of ~1,000-token documents about 0.2 s of CPU at T=1024 and 0.5 s at T=128;
+of ~50-token documents (tiny-shakespeare's paragraphs) 1.3 s and 2 s.
 """
 
 from bisect import bisect_right, insort
@@ -35,6 +36,8 @@ import numpy as np
 
 EOT = 50256  # <|endoftext|>: fineweb_edu.py puts one before every document
 POOL = 1000  # pieces the best fit picks from: nanochat's buffer_size
+# best_fit's int64 piece codes, length << 32 | (MASK - start): for shards of fewer than 2^31 tokens
+MASK, STEP = (1 << 32) - 1, (1 << 32) + 1
 
 
 class Rows(NamedTuple):
@@ -65,50 +68,51 @@ def cropped_rows(tokens: np.ndarray, row_len: int) -> Rows:
     return Rows(np.arange(n + 1), starts, np.full(n, row_len), np.full(n, row_len - 1))
 
 
-def best_fit(starts: list[int], lengths: list[int], row_len: int, pool: int) -> tuple[list[int], list[int], list[int]]:
-    """The packing rule of the module docstring on pieces (start, length), in shard order: the end (one past the last
-    segment) of each full row, and the segments' starts and lengths."""
-    # the pool as sorted keys length << 40 | (MASK - start): the largest key up to a length is the longest piece
-    # that fits, among equal lengths the first in the shard
-    mask, keys, taken = (1 << 40) - 1, [], 0
-    ends, seg_start, seg_len, room = [], [], [], row_len
-    while True:
-        while len(keys) < pool and taken < len(starts):
-            insort(keys, lengths[taken] << 40 | mask - starts[taken])
-            taken += 1
-        if not keys:
-            return ends, seg_start, seg_len  # segments past ends[-1]: the last, partial row
-        fits = bisect_right(keys, room << 40 | mask) - 1
-        key = keys.pop(fits if fits >= 0 else -1)
-        length, start = key >> 40, mask - (key & mask)
-        if length > room:  # none fits: the head fills the row, the rest (from the head's last token) goes back
-            insort(keys, (length - room + 1) << 40 | mask - (start + room - 1))
+def best_fit(pieces: list[int], row_len: int, pool: int) -> list[int]:
+    """The packing rule of the module docstring, on pieces coded as length << 32 | (MASK - start) in shard order:
+    the rows' segments, coded alike, row after row (those past the last multiple of row_len: the partial row)."""
+    # in a sorted pool, the largest key up to room << 32 | MASK is the longest piece that fits, among equal lengths
+    # the first in the shard; a cropped piece's rest (length - room + 1 tokens from start + room - 1) is
+    # key - (room - 1) * STEP
+    keys, incoming, segments, room = sorted(pieces[:pool]), iter(pieces[pool:]), [], row_len
+    while keys:
+        fits = bisect_right(keys, room << 32 | MASK) - 1
+        if fits >= 0:
+            key = keys.pop(fits)
+            if (new := next(incoming, None)) is not None:
+                insort(keys, new)
+            length = key >> 32
+        else:  # none fits: the longest fills the row, its rest goes back (the pool keeps its size)
+            key = keys.pop()
+            insort(keys, key - (room - 1) * STEP)
+            key -= ((key >> 32) - room) << 32
             length = room
-        seg_start.append(start)
-        seg_len.append(length)
-        room -= length
-        if room == 0:
-            ends.append(len(seg_start))
-            room = row_len
+        segments.append(key)
+        room = room - length or row_len
+    return segments
 
 
 def packed_rows(tokens: np.ndarray, row_len: int, pool: int = POOL) -> Rows:
+    if len(tokens) >= 1 << 31:
+        raise ValueError(f"align_docs pack takes shards of fewer than 2^31 tokens, not {len(tokens)}: rebuild them "
+                         "with a smaller --shard-size")
     eots = np.flatnonzero(tokens == EOT)
     # a shard that starts inside a document: its first token stands in for the <|endoftext|> of that document's end
     starts = eots if len(eots) and eots[0] < 2 else np.r_[0, eots]
     lengths = np.diff(np.r_[starts, len(tokens)])
-    ends, seg_start, seg_len = best_fit(starts.tolist(), lengths.tolist(), row_len, pool)
-    bounds = np.array([0, *ends], dtype=np.int64)
-    start, length = np.array(seg_start[: bounds[-1]], dtype=np.int64), np.array(seg_len[: bounds[-1]], dtype=np.int64)
-    # a segment's own first token is a target where it is a document's <|endoftext|>, at that document's first
-    # segment (a cropped rest repeats the start of a 1-token head), and not at a row's start
-    first_use = np.zeros(len(start), dtype=bool)
-    first_use[np.unique(start, return_index=True)[1]] = True
-    own = (tokens[start] == EOT) & first_use
-    own[bounds[:-1]] = False
-    row = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
-    targets = np.bincount(row, weights=length - 1 + own, minlength=len(bounds) - 1).astype(np.int64)
-    return Rows(bounds, start, length, targets)
+    segments = np.array(best_fit((lengths << 32 | (MASK - starts)).tolist(), row_len, pool), dtype=np.int64)
+    length, start = segments >> 32, MASK - (segments & MASK)
+    end = np.cumsum(length)  # in the rows laid end to end
+    full = end <= end[-1] // row_len * row_len  # the partial row's segments go
+    length, start, end = length[full], start[full], end[full]
+    opens = np.flatnonzero((end - length) % row_len == 0)  # each row's first segment
+    # a segment's first token is a target of the shard's where it is its document's own <|endoftext|> (the rest of
+    # a 1-token head starts there too: the first of the two), but not at a row's start
+    own, eot = np.zeros(len(start), dtype=bool), np.flatnonzero(tokens[start] == EOT)
+    own[eot[np.unique(start[eot], return_index=True)[1]]] = True
+    own[opens] = False
+    targets = np.add.reduceat(length - 1 + own, opens) if len(opens) else np.zeros(0, dtype=np.int64)
+    return Rows(np.r_[opens, len(start)], start, length, targets)
 
 
 def gather(tokens: np.ndarray, rows: Rows, first: int, count: int) -> np.ndarray:

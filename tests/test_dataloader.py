@@ -238,6 +238,10 @@ def test_doc_mask_aligned_shuffled_training_step(data_dir, tmp_path):
     assert math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["align_docs"] == "pack" and config["shuffle"] and config["model"]["doc_mask"]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    used = [r["data_used"] for r in records if r["kind"] == "train"]
+    assert len(used) == 2 and all(0.9 < u <= 1 for u in used)
+    assert "| data used " in (tmp_path / "r" / "log.txt").read_text()
 
 
 def test_val_reset_repeats_the_same_batches(data_dir):

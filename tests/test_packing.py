@@ -71,7 +71,8 @@ def test_packed_rows_match_a_naive_best_fit(pool):
     rows, _ = naive_pack(tokens, T + 1, pool)
     packed = packed_rows(np.array(tokens, dtype=np.uint16), T + 1, pool)
     assert len(packed.targets) == len(rows) > 100
-    assert gather(np.array(tokens, dtype=np.uint16), packed, 0, len(rows)).tolist() == [[t for t, _, _ in r] for r in rows]
+    served = gather(np.array(tokens, dtype=np.uint16), packed, 0, len(rows))
+    assert served.tolist() == [[t for t, _, _ in r] for r in rows]
     assert packed.targets.tolist() == [len(own_targets(r)) for r in rows]
     # the pool matters: a pool of 3 packs other rows than one that holds the whole shard
     assert (pool == 3) == (rows != naive_pack(tokens, T + 1, 1000)[0])
@@ -164,8 +165,6 @@ def test_old_align_docs_values_read_as_crop():
         "0", "crop", "crop", "pack"]
     assert parse_config(["--preset", "tiny-speedrun"])[0].align_docs == "pack"
     assert TrainConfig(align_docs=True).align_docs == "crop" and TrainConfig(align_docs=False).align_docs == "0"
-    with pytest.raises(SystemExit, match="2"):
-        parse_config(["--align-docs", "2"])
     crop, pack = TrainConfig(align_docs="crop"), TrainConfig(align_docs="pack")
     check_resume_config(crop, {"align_docs": True}, "old.pt")  # a checkpoint of before: the switch on
     check_resume_config(TrainConfig(), {}, "older.pt")  # ... or of before the switch: off

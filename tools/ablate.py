@@ -89,7 +89,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "speedrun": {
         "baseline": [],
         "modern": MODERN_BEFORE,
-        "docs": [*MODERN_BEFORE, "--doc-mask", "1", "--align-docs", "1"],
+        "docs": [*MODERN_BEFORE, "--doc-mask", "1", "--align-docs", "crop"],
+        "docs-packed": [*MODERN_BEFORE, "--doc-mask", "1", "--align-docs", "pack"],
         "value-embeds": [*MODERN_BEFORE, "--value-embeds", "1"],
         "unet": [*MODERN_BEFORE, "--unet", "1"],
         "x0-mix": [*MODERN_BEFORE, "--x0-mix", "1"],

@@ -22,9 +22,9 @@ below never repeat a train token (check_data refuses shards too small for the pl
 The plan, the same for the three presets: 200 steps of 65,536 tokens (B=64, T=1024, no gradient accumulation),
 13.1M tokens each; a 20-step warm-up (10%), then each preset's own schedule shape on the 200 steps: cosine down
 to 10% of the peak for gpt2-124m, wsd (flat, then linear down to 10% over the last 20%) for modern and speedrun;
-the presets' peak learning rates. The speedrun runs with --align-docs 0: rows aligned to documents keep only the
-first 1025 tokens of this corpus's ~3,100-token documents, 38 batches of the 209 (2.5M of the 13.7M tokens), so it
-would train on other tokens than the other two, and repeat them 5 times.
+the presets' peak learning rates. The speedrun runs with --align-docs 0, so that the three train on the same rows:
+its preset's pack lays this corpus's ~3,100-token documents out in other rows (and crop would keep only the first
+1025 tokens of each, 38 batches of the 209, 2.5M of the 13.7M tokens, and repeat them 5 times).
 
 Sizing, for one H100 (BENCHMARKS.md): gpt2-124m trains at ~450k tok/s (the loop at B=16: 445-454k; the bench at
 B=64: 481k), so 13.1M tokens take ~29 s; modern and speedrun are assumed slower, 350k tok/s (~37 s; gpu_check's
@@ -121,7 +121,7 @@ def train_command(preset: str, plan: Plan, data_dir: str, log_dir: str, device: 
     flags = {"--batch-size": plan.batch_size, "--seq-len": plan.seq_len, "--total-batch-size": plan.tokens_per_step,
              "--max-steps": plan.steps, "--warmup-steps": plan.warmup, "--val-every": plan.val_every,
              "--val-tokens": plan.val_tokens, "--checkpoint-every": 0, "--hellaswag-every": 0, "--sample-every": 0}
-    if PRESET_VALUES[preset].get("align_docs"):  # the same tokens as the others (see the docstring)
+    if PRESET_VALUES[preset].get("align_docs", "0") != "0":  # the same rows as the others (see the docstring)
         flags["--align-docs"] = 0
     return [sys.executable, str(ROOT / "train_gpt2.py"), "--preset", preset, "--data-dir", data_dir,
             "--log-dir", log_dir, "--run-name", preset, "--device", device,
