@@ -5,30 +5,49 @@
     python -m tools.ablate arch --preset gpt2-124m --data-dir data/fineweb_edu --launcher "torchrun --nproc-per-node=8"
     python -m tools.ablate modern --plot-only
     python -m tools.ablate modern --data-dir data/shakespeare --seeds 1337,2     # every config from two inits
+    python -m tools.ablate modern --data-dir data/shakespeare --sweep max-lr=1e-3,3e-3,6e-3
+    python -m tools.ablate modern --sweep max-lr=1e-3,3e-3,6e-3 --sweep muon,modern:muon-lr=0.01,0.02,0.04
+    python -m tools.ablate modern --data-dir shak=data/shakespeare,docs=data/docs     # two corpora, side by side
 
-Each config of SUITES[suite] runs as its own train_gpt2.py process (fresh memory, nothing leaks from one
-run into the next) with the flags
-    --preset PRESET <config's flags> [--data-dir DIR] --log-dir LOG_DIR/SUITE --run-name CONFIG <flags after -->
-argparse keeps the last value of a flag, so a config's flags override the common preset and the flags after
-`--` override both: they apply to every config alike. The runs land in LOG_DIR/SUITE/CONFIG/; the plot and
-the markdown table go to LOG_DIR/SUITE/SUITE.png and .md. The table measures each run against the first config
-(the baseline): its final val loss minus the baseline's, and time to quality, the first evaluated step whose val
-loss is at or below the baseline's final one (evaluate often, e.g. --val-every 10, to locate it). With --seeds,
-every config runs once per seed and a second table gives each config's mean, its seed spread and its mean steps.
+Each run is its own train_gpt2.py process (fresh memory, nothing leaks from one run into the next) with the flags
+    --preset PRESET <config's flags> [--seed S] [--data-dir DIR] --log-dir LOG_DIR/SUITE --run-name RUN
+    <flags after --> [--FLAG VALUE of a --sweep]
+argparse keeps the last value of a flag, so a config's flags override the common preset, the flags after `--`
+override both (they apply to every config alike), and a swept value overrides all of them. The runs land in
+LOG_DIR/SUITE/RUN/; the plot and the markdown tables go to LOG_DIR/SUITE/SUITE.png and .md. The table measures
+each run against the first config (the baseline): its final val loss minus the baseline's, and time to quality,
+the first evaluated step whose val loss is at or below the baseline's final one, and that crossing interpolated
+linearly between two evaluations (evaluate often, e.g. --val-every 10, to locate it). With --seeds, every config
+runs once per seed and a second table gives each config's mean, its seed spread and its mean steps.
 
-Re-running the same command is free for finished runs and continues interrupted ones: train_gpt2.py resumes
-each run from its latest checkpoint. It refuses to resume a run whose settings changed: delete that run's
+--sweep FLAG=V1,V2,... runs every config once per value (runs CONFIG@FLAG=V); `a,b:FLAG=...` sweeps configs a and b
+only, so one command can sweep each config's own lr (above: Muon's for the Muon configs, AdamW's for the rest).
+The tables and the plot keep each config's best value, by final val loss (the mean over its seeds), and say so;
+the baseline is the first config at its best value, and a last table lists every value's result. A swept run
+that fails (too high an lr diverges) is marked, never best, and the sweep goes on; any other failed run stops
+the suite.
+
+--data-dir NAME=DIR,NAME=DIR runs the suite on each corpus, into LOG_DIR/SUITE/NAME/RUN/ (each with its own plot
+and tables, against its own baseline), and LOG_DIR/SUITE/SUITE.md puts the corpora side by side.
+
+Re-running the same command is free for finished runs and continues interrupted ones: a run whose folder holds
+the same config.json and a checkpoint at its last step is skipped, any other is launched and train_gpt2.py
+resumes it from its latest checkpoint. It refuses to resume a run whose settings changed: delete that run's
 folder (or use another --log-dir) after editing a config's flags.
 """
 
 import argparse
+import dataclasses
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import plot_logs
-from gpt2.config import EDM2, HYPERSPHERE, MODERN, SPEEDRUN
+from gpt2.config import EDM2, HYPERSPHERE, MODEL_FIELDS, MODERN, SPEEDRUN, TRAIN_FIELDS, parse_config
+from gpt2.runs import checkpoint_paths
 
 TRAIN = Path(__file__).resolve().parent.parent / "train_gpt2.py"
 
@@ -131,126 +150,352 @@ SUITES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def train_argv(args, name: str, flags: list[str], extra: list[str], seed: int | None = None) -> list[str]:
-    data = ["--data-dir", args.data_dir] if args.data_dir else []  # none: the preset's own data
-    suite_dir = str(Path(args.log_dir) / args.suite)
-    seeds = ["--seed", str(seed)] if seed is not None else []  # after the config's flags: every config, each seed
-    return ["--preset", args.preset, *flags, *seeds, *data, "--log-dir", suite_dir, "--run-name", name, *extra]
+# flags ablate sets itself, per run or per corpus: a --sweep of them would fight it
+OWN_FLAGS = ("run-name", "log-dir", "data-dir")
+FLAG_NAMES = {f.name.replace("_", "-") for f in TRAIN_FIELDS + MODEL_FIELDS}
 
 
-def run_names(configs: dict[str, list[str]], seeds: list[int] | None) -> dict[str, tuple[str, int | None]]:
-    """run name -> (config, seed): the config's name alone with one seed (or none given), else name-sSEED."""
-    if not seeds or len(seeds) == 1:
-        return {name: (name, seeds[0] if seeds else None) for name in configs}
-    return {f"{name}-s{seed}": (name, seed) for name in configs for seed in seeds}
+class Run(NamedTuple):
+    """One train_gpt2.py run of a suite: its config, its swept setting and its seed."""
+    config: str
+    setting: str = ""  # "FLAG=VALUE" of a --sweep; "": the config as written
+    seed: int | None = None
 
 
-def reaching(records: list[dict], target: float) -> dict | None:
-    """The first val record whose loss is at or below target (None: never reached)."""
-    return next((r for r in records if r.get("loss") is not None and r["loss"] <= target), None)
+def setting_label(config: str, setting: str) -> str:
+    return config + (f"@{setting}" if setting else "")
+
+
+def run_names(configs, sweeps: dict[str, tuple[str, list[str]]], seeds: list[int] | None) -> dict[str, Run]:
+    """run name -> Run: the config's name, then @FLAG=VALUE for a swept value and -sSEED with several seeds."""
+    names = {}
+    for config in configs:
+        flag, values = sweeps.get(config, ("", [""]))
+        for value in values:
+            setting = f"{flag}={value}" if flag else ""
+            for seed in seeds or [None]:
+                name = setting_label(config, setting) + (f"-s{seed}" if len(seeds or []) > 1 else "")
+                names[name] = Run(config, setting, seed)
+    return names
+
+
+def train_argv(preset: str, name: str, run: Run, flags: list[str], extra: list[str], data_dir: str | None,
+               log_dir: Path) -> list[str]:
+    data = ["--data-dir", data_dir] if data_dir else []  # none: the preset's own data
+    seeds = ["--seed", str(run.seed)] if run.seed is not None else []  # after the config's flags: each seed
+    flag, _, value = run.setting.partition("=")
+    swept = ["--" + flag, value] if run.setting else []  # last: it overrides the preset, the config and `--`'s flags
+    return ["--preset", preset, *flags, *seeds, *data, "--log-dir", str(log_dir), "--run-name", name, *extra, *swept]
+
+
+def parse_sweeps(parser, specs: list[str], suite: dict, configs: dict, own: tuple[str, ...]) -> dict:
+    """config -> (flag, values) from the --sweep specs [CONFIGS:]FLAG=V1,V2,...: one swept flag per config; a spec
+    without CONFIGS covers every config that no other spec names."""
+    named, general = {}, None
+    for spec in specs:
+        targets, _, sweep = spec.rpartition(":")
+        flag, _, values = sweep.partition("=")
+        values = values.split(",")
+        if flag not in FLAG_NAMES or "" in values or len(set(values)) < len(values) or "/" in sweep:
+            parser.error(f"--sweep {spec!r}: give [CONFIGS:]FLAG=V1,V2,... with a train_gpt2.py flag (no leading --) "
+                         "and distinct values (no /: they name run folders), e.g. max-lr=1e-3,2e-3 or "
+                         "muon:muon-lr=0.01,0.02")
+        if flag in own:
+            parser.error(f"--sweep {spec!r}: ablate sets --{flag} itself; sweep another flag")
+        if not targets:
+            if general:
+                parser.error(f"--sweep: two sweeps for every config ({general[0]}, {flag}): name the configs of one, "
+                             "e.g. --sweep muon:muon-lr=0.01,0.02 (a config sweeps one flag)")
+            general = (flag, values)
+        for config in targets.split(",") if targets else []:
+            if config not in suite:
+                parser.error(f"--sweep {spec!r}: unknown config {config!r}; choose from {list(suite)}")
+            if config in named:
+                parser.error(f"--sweep: config {config!r} is in two sweeps; a config sweeps one flag")
+            named[config] = (flag, values)
+    return {c: named.get(c, general) for c in configs if c in named or general}
+
+
+def parse_corpora(parser, data_dir: str | None) -> dict[str, str | None]:
+    """corpus name -> its data folder: {"": DIR} for a plain --data-dir DIR (the runs right in the suite folder)."""
+    if not data_dir or "=" not in data_dir:
+        return {"": data_dir}
+    pairs = [pair.partition("=") for pair in data_dir.split(",")]
+    names = [name for name, _, _ in pairs]
+    if any(not name or "/" in name or not d for name, _, d in pairs) or len(set(names)) < len(names):
+        parser.error(f"--data-dir {data_dir!r}: give one DIR, or distinct NAME=DIR pairs, e.g. "
+                     "shak=data/shakespeare,docs=data/docs")
+    return {name: d for name, _, d in pairs}
+
+
+def checked_config(label: str, argv: list[str]):
+    """The run's TrainConfig and preset, as train_gpt2.py will parse them: a bad value fails before any run."""
+    try:
+        return parse_config(argv)
+    except SystemExit:  # parse_config printed its one-line error
+        raise SystemExit(f"ablate: run {label!r}: train_gpt2.py refuses its flags (the error above); "
+                         "nothing ran") from None
+
+
+def finished(cfg, preset: str) -> bool:
+    """Whether train_gpt2.py would train nothing: the run's folder holds this very config.json (as train_gpt2.py writes
+    it) and a checkpoint at its last step. Launching it would load torch and the checkpoint just to say so."""
+    run_dir = Path(cfg.log_dir) / cfg.run_name
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ckpts = checkpoint_paths(str(run_dir))
+    last = int(Path(ckpts[-1]).stem.removeprefix("ckpt_")) if ckpts else -1
+    config = json.loads(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}))  # tuples as JSON lists
+    return saved == config and cfg.resume == "auto" and last >= (cfg.stop_at or cfg.max_steps)
+
+
+def train_all(suite: str, launcher: list[str], jobs: list[tuple[str, Run, list[str]]]):
+    """One train_gpt2.py process per (label, run, argv) job not finished yet, every job's flags checked first. A
+    failed run stops the suite, unless it is a sweep's: a value may diverge, and that is a result."""
+    configs = [checked_config(label, argv) for label, _, argv in jobs]
+    for i, ((label, run, argv), (cfg, preset)) in enumerate(zip(jobs, configs), 1):
+        head = f"=== [{i}/{len(jobs)}] {suite}/{label}"
+        if finished(cfg, preset):
+            print(f"{head}: finished, skipped", flush=True)
+            continue
+        cmd = [*launcher, str(TRAIN), *argv]
+        print(f"{head}: {shlex.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd).returncode  # not captured: the run's progress streams straight to the terminal
+        if rc and not run.setting:
+            raise SystemExit(f"ablate: run {label!r} of suite {suite!r} failed (exit code {rc}); see its output "
+                             "above. Re-running resumes it and skips the finished runs.")
+        if rc:
+            print(f"{head}: failed (exit code {rc}); the sweep goes on without this value", flush=True)
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def crossing(records: list[dict], target: float) -> tuple[dict, float] | None:
+    """The first val record at or below target, and the step where the val curve crosses target, linear between
+    that evaluation and the one before (None: never reached)."""
+    vals = [r for r in records if r.get("loss") is not None]
+    for i, r in enumerate(vals):
+        if r["loss"] <= target:
+            if i == 0:
+                return r, float(r["step"])
+            prev = vals[i - 1]
+            return r, prev["step"] + (prev["loss"] - target) / (prev["loss"] - r["loss"]) * (r["step"] - prev["step"])
+    return None
 
 
 def _finals(runs, names) -> list[float]:
     return [f for f in (plot_logs.summarize(runs[n])["final_val_loss"] for n in names) if f is not None]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def table_with_delta(runs: dict[str, dict[str, list[dict]]], baseline: list[str] | None = None) -> str:
     """plot_logs' table plus: final val loss minus the baseline's (the mean over the baseline's runs, by default
-    the first run), the first val step at or below the baseline's final val loss, and that step and its tokens as
-    fractions of the baseline's run ("time to quality"; tokens differ from steps where a batch ramp runs)."""
+    the first run), the first val step at or below the baseline's final val loss, that crossing interpolated, and
+    that step and its tokens as fractions of the baseline's run ("time to quality"; tokens differ from steps where a
+    batch ramp runs)."""
     baseline = baseline or [next(iter(runs))]
-    base_finals = _finals(runs, baseline)
-    target = sum(base_finals) / len(base_finals) if base_finals else None
+    target = _mean(_finals(runs, baseline))
     base = plot_logs.summarize(runs[baseline[0]])
     lines = plot_logs.markdown_table(runs).splitlines()
-    lines[0] += " vs baseline | steps to baseline | x baseline steps | x baseline tokens |"
-    lines[1] += "---:|---:|---:|---:|"
+    lines[0] += " vs baseline | steps to baseline | interpolated | x baseline steps | x baseline tokens |"
+    lines[1] += "---:|---:|---:|---:|---:|"
     for i, run in enumerate(runs.values(), start=2):
         final = plot_logs.summarize(run)["final_val_loss"]
-        hit = reaching(run.get("val", []), target) if target is not None else None
+        hit = crossing(run.get("val", []), target) if target is not None else None
         lines[i] += " - |" if final is None or target is None else f" {final - target:+.4f} |"
-        lines[i] += (" - | - | - |" if hit is None else
-                     f" {hit['step']} | {hit['step'] / base['step']:.2f} | {hit['tokens'] / base['tokens']:.2f} |")
+        lines[i] += (" - | - | - | - |" if hit is None else f" {hit[0]['step']} | {hit[1]:.0f} | "
+                     f"{hit[0]['step'] / base['step']:.2f} | {hit[0]['tokens'] / base['tokens']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def seed_table(runs: dict[str, dict[str, list[dict]]], names: dict[str, tuple[str, int | None]]) -> str:
-    """One row per config over its seeds: mean final val loss, its spread (max - min), the mean's difference
-    to the baseline (the first config), and the mean steps to the baseline's mean final val loss."""
-    by_config: dict[str, list[str]] = {}
-    for run, (config, _) in names.items():
-        by_config.setdefault(config, []).append(run)
-    base_runs = next(iter(by_config.values()))
-    base_finals = _finals(runs, base_runs)
-    target = sum(base_finals) / len(base_finals)
-    base = plot_logs.summarize(runs[base_runs[0]])
+def group_cells(runs, run_list: list[str], target: float | None, base: dict) -> dict[str, str]:
+    """A config's seeds as table cells: their number, mean final val loss, spread (max - min), the mean minus target,
+    and the mean steps to target: evaluated, interpolated, and as fractions of the baseline's steps and tokens."""
+    finals = _finals(runs, run_list)
+    if not finals:
+        return dict(seeds="0", mean="-", spread="-", vs="-", steps="-", interpolated="-", x_steps="-", x_tokens="-")
+    mean = _mean(finals)
+    cells = dict(seeds=str(len(finals)), mean=f"{mean:.4f}", spread=f"{max(finals) - min(finals):.4f}",
+                 vs="-" if target is None else f"{mean - target:+.4f}")
+    hits = [crossing(runs[r].get("val", []), target) if target is not None else None for r in run_list]
+    if None in hits:
+        reached = sum(h is not None for h in hits)
+        steps = "-" if reached == 0 else f"not all seeds ({reached}/{len(hits)})"
+        return cells | dict(steps=steps, interpolated="-", x_steps="-", x_tokens="-")
+    step, tokens, interpolated = (_mean([h[0]["step"] for h in hits]), _mean([h[0]["tokens"] for h in hits]),
+                                  _mean([h[1] for h in hits]))
+    return cells | dict(steps=f"{step:.0f}", interpolated=f"{interpolated:.0f}", x_steps=f"{step / base['step']:.2f}",
+                        x_tokens=f"{tokens / base['tokens']:.2f}")
+
+
+def seed_table(runs: dict[str, dict[str, list[dict]]], groups: dict[str, list[str]], baseline: list[str]) -> str:
+    """One row per group of runs (label -> run names, a config's seeds): the group_cells, measured against the mean
+    final val loss of the baseline's runs."""
+    target = _mean(_finals(runs, baseline))
+    base = plot_logs.summarize(runs[baseline[0]])
     lines = ["| config | seeds | mean final val loss | seed spread | vs baseline | mean steps to baseline "
-             "| x baseline steps | x baseline tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for config, run_list in by_config.items():
-        finals = _finals(runs, run_list)
-        mean = sum(finals) / len(finals)
-        hits = [reaching(runs[r].get("val", []), target) for r in run_list]
-        if None in hits:
-            steps = f"not all seeds ({sum(h is not None for h in hits)}/{len(hits)}) | - | -"
-        else:
-            mean_step, mean_tokens = (sum(h[key] for h in hits) / len(hits) for key in ("step", "tokens"))
-            steps = f"{mean_step:.0f} | {mean_step / base['step']:.2f} | {mean_tokens / base['tokens']:.2f}"
-        lines.append(f"| {config} | {len(finals)} | {mean:.4f} | {max(finals) - min(finals):.4f} | "
-                     f"{mean - target:+.4f} | {steps} |")
+             "| interpolated | x baseline steps | x baseline tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, run_list in groups.items():
+        c = group_cells(runs, run_list, target, base)
+        lines.append(f"| {label} | {c['seeds']} | {c['mean']} | {c['spread']} | {c['vs']} | {c['steps']} | "
+                     f"{c['interpolated']} | {c['x_steps']} | {c['x_tokens']} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # everything after `--` goes to every train_gpt2.py run untouched
+def settings(names: dict[str, Run]) -> dict[str, dict[str, list[str]]]:
+    """config -> setting -> its run names (one per seed), in the suite's order."""
+    out = {}
+    for name, run in names.items():
+        out.setdefault(run.config, {}).setdefault(run.setting, []).append(name)
+    return out
+
+
+def ended_in_error(runs, run_list: list[str]) -> bool:
+    return any(plot_logs.error_step(runs[n]) is not None for n in run_list)
+
+
+def best_settings(runs: dict[str, dict[str, list[dict]]], names: dict[str, Run]) -> dict[str, str]:
+    """config -> its setting with the lowest final val loss, the mean over its seeds. A setting with a run that
+    ended in an error (diverged) or has no val loss is never the best, unless all of the config's are such."""
+    best = {}
+    for config, by_setting in settings(names).items():
+        scores = {s: _mean(_finals(runs, r)) for s, r in by_setting.items() if not ended_in_error(runs, r)}
+        scores = {s: m for s, m in scores.items() if m is not None}
+        best[config] = min(scores, key=scores.get) if scores else next(iter(by_setting))
+    return best
+
+
+def best_notes(runs, names: dict[str, Run], best: dict[str, str]) -> list[str]:
+    """One line per swept config: which value won, and by what."""
+    notes = []
+    for config, by_setting in settings(names).items():
+        if best[config]:
+            flag, value = best[config].split("=", 1)
+            if ended_in_error(runs, by_setting[best[config]]):
+                notes.append(f"- {config}: every one of its {len(by_setting)} {flag} values ended in an error")
+                continue
+            seeds = len(by_setting[best[config]])
+            over = f" (mean over {seeds} seeds)" if seeds > 1 else ""
+            notes.append(f"- {config}: best of {len(by_setting)} {flag} values by final val loss{over}: {value}")
+    return notes
+
+
+# ---------------------------------------------------------------------- reports
+
+
+def load_runs(corpus_dir: Path, names: dict[str, Run]) -> dict[str, dict[str, list[dict]]]:
+    missing = [n for n in names if not (corpus_dir / n / "metrics.jsonl").is_file()]
+    if missing:
+        raise SystemExit(f"ablate: no metrics.jsonl in {corpus_dir} for run(s) {missing}: run them first")
+    return {name: plot_logs.load_run(corpus_dir / name) for name in names}
+
+
+def report(suite: str, corpus_dir: Path, runs, names: dict[str, Run], best: dict[str, str]) -> str:
+    """The plot (each config at its best setting) and the tables of one corpus, written to corpus_dir/SUITE.png/.md."""
+    chosen = {n: r for n, r in names.items() if r.setting == best[r.config]}
+    by_setting = settings(names)
+    labels = {n: n + (f" (best of {len(by_setting[r.config])} {r.setting.split('=')[0]})" if r.setting else "")
+              for n, r in chosen.items()}
+    png = plot_logs.plot_runs({labels[n]: runs[n] for n in chosen}, corpus_dir / f"{suite}.png")
+    baseline = [n for n, r in chosen.items() if r.config == next(iter(by_setting))]
+    notes = best_notes(runs, names, best)
+    text = "\n".join(notes) + "\n\n" if notes else ""
+    text += table_with_delta({n: runs[n] for n in chosen}, baseline)
+    groups = {setting_label(c, best[c]): d[best[c]] for c, d in by_setting.items()}
+    if any(len(g) > 1 for g in groups.values()):
+        text += "\n" + seed_table(runs, groups, baseline)
+    if notes:
+        every = {setting_label(c, s) + (" (best)" if s == best[c] and len(d) > 1 else "")
+                 + (" (error)" if ended_in_error(runs, r) else ""): r for c, d in by_setting.items() for s, r in d.items()}
+        text += "\nEvery setting:\n\n" + seed_table(runs, every, baseline)
+    png.with_suffix(".md").write_text(text)
+    print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
+    return text
+
+
+def side_by_side(results: dict[str, tuple[dict, dict[str, str]]], names: dict[str, Run]) -> str:
+    """One row per config, one group of columns per corpus (corpus -> (its runs, its best settings)): the best
+    setting, the mean final val loss over the seeds, their spread and the mean steps to that corpus's baseline."""
+    by_setting = settings(names)
+    swept = any(s for d in by_setting.values() for s in d)
+    keys = (["best"] if swept else []) + ["mean final val loss", "seed spread", "steps to baseline", "interpolated"]
+    header = "| config | " + " | ".join(f"{corpus}: {k}" for corpus in results for k in keys) + " |"
+    lines = [header, "|---|" + "---:|" * (len(keys) * len(results))]
+    rows = {config: [] for config in by_setting}
+    for runs, best in results.values():
+        base_runs = by_setting[next(iter(by_setting))][best[next(iter(by_setting))]]
+        target, base = _mean(_finals(runs, base_runs)), plot_logs.summarize(runs[base_runs[0]])
+        for config, d in by_setting.items():
+            c = group_cells(runs, d[best[config]], target, base)
+            value = best[config].partition("=")[2] or "-"
+            rows[config] += ([value] if swept else []) + [c["mean"], c["spread"], c["steps"], c["interpolated"]]
+    lines += [f"| {config} | " + " | ".join(cells) + " |" for config, cells in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]):
+    """The command line: ablate's flags before `--`, every run's train_gpt2.py flags after it."""
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUITES))
-    parser.add_argument("--data-dir", help="token shards for every run (default: the preset's)")
-    parser.add_argument("--log-dir", default="logs/ablate", help="runs go to LOG_DIR/SUITE/CONFIG")
+    parser.add_argument("--data-dir", help="token shards for every run (default: the preset's); NAME=DIR,NAME=DIR: "
+                        "the suite on each corpus, runs in LOG_DIR/SUITE/NAME/RUN, a table of them side by side")
+    parser.add_argument("--log-dir", default="logs/ablate", help="runs go to LOG_DIR/SUITE/RUN")
     parser.add_argument("--preset", default="tiny", help="train_gpt2.py preset every config starts from")
     parser.add_argument("--only", help="comma-separated configs to run and plot (default: all of the suite)")
     parser.add_argument("--launcher", default="", help='e.g. "torchrun --nproc-per-node=8" (default: this python)')
     parser.add_argument("--plot-only", action="store_true", help="no training: plot and tabulate the finished runs")
     parser.add_argument("--seeds", help="comma-separated seeds: every config runs once per seed (runs NAME-sSEED) and "
                         "a second table gives each config's mean and seed spread")
+    parser.add_argument("--sweep", action="append", default=[], metavar="[CONFIGS:]FLAG=V1,V2,...",
+                        help="every config (or the comma-separated CONFIGS) runs once per value of train_gpt2.py's "
+                        "--FLAG (runs CONFIG@FLAG=V), given last: it overrides the preset's, the config's and the `--` "
+                        "flags. Repeatable, one flag per config; the tables keep each config's best value by final "
+                        "val loss (mean over seeds) and list them all")
     args = parser.parse_args(ours)
-
-    configs = SUITES[args.suite]
+    suite = SUITES[args.suite]
+    configs = suite
     if args.only:
-        names = args.only.split(",")
-        unknown = [n for n in names if n not in configs]
+        unknown = [n for n in args.only.split(",") if n not in suite]
         if unknown:
-            parser.error(f"--only: unknown config(s) {unknown} in suite {args.suite!r}; choose from {list(configs)}")
-        configs = {n: configs[n] for n in names}
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    names = run_names(configs, seeds)
+            parser.error(f"--only: unknown config(s) {unknown} in suite {args.suite!r}; choose from {list(suite)}")
+        configs = {n: suite[n] for n in args.only.split(",")}
+    args.configs = configs
+    args.seed_list = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    args.sweeps = parse_sweeps(parser, args.sweep, suite, configs, OWN_FLAGS + (("seed",) if args.seeds else ()))
+    args.corpora = parse_corpora(parser, args.data_dir)
+    return args, extra
+
+
+def main(argv=None) -> str:
+    args, extra = parse_args(sys.argv[1:] if argv is None else list(argv))
+    names = run_names(args.configs, args.sweeps, args.seed_list)
     suite_dir = Path(args.log_dir) / args.suite
-    launcher = shlex.split(args.launcher) or [sys.executable]
-
+    jobs = [(f"{corpus}/{name}" if corpus else name, run,
+             train_argv(args.preset, name, run, args.configs[run.config], extra, data, suite_dir / corpus))
+            for corpus, data in args.corpora.items() for name, run in names.items()]
     if not args.plot_only:
-        for i, (name, (config, seed)) in enumerate(names.items(), 1):
-            cmd = [*launcher, str(TRAIN), *train_argv(args, name, configs[config], extra, seed)]
-            print(f"=== [{i}/{len(names)}] {args.suite}/{name}: {shlex.join(cmd)}", flush=True)
-            # not captured: the run's progress streams straight to the terminal
-            rc = subprocess.run(cmd).returncode
-            if rc:
-                raise SystemExit(f"ablate: config {config!r} of suite {args.suite!r} failed (exit code {rc}); "
-                                 f"see its output above. Re-running resumes it and skips the finished configs.")
+        train_all(args.suite, shlex.split(args.launcher) or [sys.executable], jobs)
 
-    missing = [n for n in names if not (suite_dir / n / "metrics.jsonl").is_file()]
-    if missing:
-        raise SystemExit(f"ablate: no metrics.jsonl in {suite_dir} for run(s) {missing}: run them first")
-    runs = {name: plot_logs.load_run(suite_dir / name) for name in names}
-    png = plot_logs.plot_runs(runs, suite_dir / f"{args.suite}.png")
-    baseline = [n for n, (config, _) in names.items() if config == next(iter(configs))]
-    table = table_with_delta(runs, baseline)
-    if seeds and len(seeds) > 1:
-        table += "\n" + seed_table(runs, names)
-    png.with_suffix(".md").write_text(table)
-    print(table, end="")
-    print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
-    return table
+    results, texts = {}, []
+    for corpus in args.corpora:  # "": the one --data-dir DIR, whose runs lie right in the suite's folder
+        runs = load_runs(suite_dir / corpus, names)
+        results[corpus] = (runs, best_settings(runs, names))
+        texts.append(report(args.suite, suite_dir / corpus, runs, names, results[corpus][1]))
+    text = texts[0]
+    if list(args.corpora) != [""]:
+        text = side_by_side(results, names) + "".join(f"\n## {c} ({d})\n\n{t}" for (c, d), t in
+                                                       zip(args.corpora.items(), texts))
+        (suite_dir / f"{args.suite}.md").write_text(text)
+        print(f"wrote {suite_dir / args.suite}.md: the corpora side by side", file=sys.stderr)
+    print(text, end="")
+    return text
 
 
 if __name__ == "__main__":
