@@ -244,7 +244,8 @@ def test_sweep_keeps_each_configs_best_value_by_the_mean_over_seeds(tmp_path, mo
         ("6.1500", "0.1000", "+0.0000"), ("5.6000", "0.2000", "-0.5500")]
     assert means["muon@muon-lr=0.01"]["mean steps to baseline"] == "15"  # 6.0 <= 6.15 at step 10, 5.7 at step 20
     every = table_rows(md, 2)
-    assert list(every) == ["base@max-lr=1e-3", "base@max-lr=2e-3 (best)", "muon@muon-lr=0.01 (best)", "muon@muon-lr=0.02"]
+    assert list(every) == ["base@max-lr=1e-3", "base@max-lr=2e-3 (best)", "muon@muon-lr=0.01 (best)",
+                           "muon@muon-lr=0.02"]
     assert (every["base@max-lr=1e-3"]["mean final val loss"], every["base@max-lr=1e-3"]["vs baseline"]) == ("6.2000",
                                                                                                           "+0.0500")
     assert every["base@max-lr=1e-3"]["mean steps to baseline"] == "not all seeds (1/2)"  # 6.4 never gets to 6.15

@@ -321,7 +321,8 @@ def group_cells(runs, run_list: list[str], target: float | None, base: dict) -> 
     if not finals:
         return dict(seeds="0", mean="-", spread="-", vs="-", steps="-", interpolated="-", x_steps="-", x_tokens="-")
     mean = _mean(finals)
-    cells = dict(seeds=str(len(finals)), mean=f"{mean:.4f}", spread=f"{max(finals) - min(finals):.4f}",
+    spread = f"{max(finals) - min(finals):.4f}" if len(finals) > 1 else "-"  # one seed: no spread to show
+    cells = dict(seeds=str(len(finals)), mean=f"{mean:.4f}", spread=spread,
                  vs="-" if target is None else f"{mean - target:+.4f}")
     hits = [crossing(runs[r].get("val", []), target) if target is not None else None for r in run_list]
     if None in hits:
@@ -412,7 +413,8 @@ def report(suite: str, corpus_dir: Path, runs, names: dict[str, Run], best: dict
         text += "\n" + seed_table(runs, groups, baseline)
     if notes:
         every = {setting_label(c, s) + (" (best)" if s == best[c] and len(d) > 1 else "")
-                 + (" (error)" if ended_in_error(runs, r) else ""): r for c, d in by_setting.items() for s, r in d.items()}
+                 + (" (error)" if ended_in_error(runs, r) else ""): r
+                 for c, d in by_setting.items() for s, r in d.items()}
         text += "\nEvery setting:\n\n" + seed_table(runs, every, baseline)
     png.with_suffix(".md").write_text(text)
     print(f"wrote {png} and {png.with_suffix('.md')}", file=sys.stderr)
