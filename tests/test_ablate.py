@@ -188,16 +188,16 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return values[-1] if values else None
 
 
-def fake_launches(monkeypatch, final_loss=None) -> list[list[str]]:
+def fake_launches(monkeypatch, final_loss=None, rc: int = 0) -> list[list[str]]:
     """ablate's train_gpt2.py processes replaced: each command is recorded and, with final_loss(argv) -> loss, writes
     the val curve 9.0, loss + 0.5, loss at steps 0, 10, 20 into its run folder; loss None: the run dies (exit 1)
-    after a val loss of 5.0 at step 10, as a diverged run leaves it."""
+    after a val loss of 5.0 at step 10, as a diverged run leaves it. Without final_loss: exits rc, writing nothing."""
     launched = []
 
     def run(cmd):
         launched.append(cmd)
         if final_loss is None:
-            return subprocess.CompletedProcess(cmd, 0)
+            return subprocess.CompletedProcess(cmd, rc)
         loss = final_loss(cmd)
         curve = [9.0, 5.0] if loss is None else [9.0, loss + 0.5, loss]
         rows = [{"kind": "val", "step": 10 * i, "tokens": 1000 * i, "loss": v} for i, v in enumerate(curve)]
@@ -259,6 +259,11 @@ def test_a_diverged_sweep_value_is_marked_never_best_and_the_sweep_goes_on(tmp_p
     assert "- x: best of 2 max-lr values by final val loss: 1e-3" in text  # not 8e-3's 5.0 before it died
     every = table_rows(tmp_path / "d" / "d.md", 1)
     assert list(every) == ["base", "x@max-lr=8e-3 (error)", "x@max-lr=1e-3 (best)"]
+    # a swept run that fails before it trains (no metrics.jsonl: missing data, say) stops the suite like any other
+    launched = fake_launches(monkeypatch, rc=1)
+    with pytest.raises(SystemExit, match="run 'x@max-lr=2e-3' of suite 'd' failed"):
+        ablate.main(["d", "--log-dir", str(tmp_path), "--only", "x", "--sweep", "x:max-lr=2e-3,4e-3"])
+    assert len(launched) == 1
 
 
 def test_two_corpora_side_by_side(tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ runs once per seed and a second table gives each config's mean, its seed spread 
 only, so one command can sweep each config's own lr (above: Muon's for the Muon configs, AdamW's for the rest).
 The tables and the plot keep each config's best value, by final val loss (the mean over its seeds), and say so;
 the baseline is the first config at its best value, and a last table lists every value's result. A swept run
-that fails (too high an lr diverges) is marked, never best, and the sweep goes on; any other failed run stops
-the suite.
+that fails once training (too high an lr diverges) is marked, never best, and the sweep goes on; any other
+failed run stops the suite.
 
 --data-dir NAME=DIR,NAME=DIR runs the suite on each corpus, into LOG_DIR/SUITE/NAME/RUN/ (each with its own plot
 and tables, against its own baseline), and LOG_DIR/SUITE/SUITE.md puts the corpora side by side.
@@ -253,7 +253,7 @@ def finished(cfg, preset: str) -> bool:
 
 def train_all(suite: str, launcher: list[str], jobs: list[tuple[str, Run, list[str]]]):
     """One train_gpt2.py process per (label, run, argv) job not finished yet, every job's flags checked first. A
-    failed run stops the suite, unless it is a sweep's: a value may diverge, and that is a result."""
+    failed run stops the suite, unless it is a sweep's that began training: a value may diverge, which is a result."""
     configs = [checked_config(label, argv) for label, _, argv in jobs]
     for i, ((label, run, argv), (cfg, preset)) in enumerate(zip(jobs, configs), 1):
         head = f"=== [{i}/{len(jobs)}] {suite}/{label}"
@@ -263,7 +263,7 @@ def train_all(suite: str, launcher: list[str], jobs: list[tuple[str, Run, list[s
         cmd = [*launcher, str(TRAIN), *argv]
         print(f"{head}: {shlex.join(cmd)}", flush=True)
         rc = subprocess.run(cmd).returncode  # not captured: the run's progress streams straight to the terminal
-        if rc and not run.setting:
+        if rc and not (run.setting and (Path(cfg.log_dir) / cfg.run_name / "metrics.jsonl").is_file()):
             raise SystemExit(f"ablate: run {label!r} of suite {suite!r} failed (exit code {rc}); see its output "
                              "above. Re-running resumes it and skips the finished runs.")
         if rc:
