@@ -137,6 +137,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
     # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
     # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
     # --weight-decay after `--`, which would override them) and at the baseline's
+    # the roadmap's verdicts at tuned lrs: each config swept over the lr that matters for it (--sweep, see the
+    # docstring), on both corpora, then a second seed at each config's best
+    "tuned": {
+        "baseline": [],
+        "muon": ["--optimizer", "muon"],
+        "manifold": ["--optimizer", "muon", "--muon-manifold", "stiefel"],
+        "edm2": ["--mode", "edm2"],
+        "hypersphere": ["--mode", "hypersphere"],
+        "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
+    },
     "roadmap": {
         "baseline": [],
         "modern": MODERN_BEFORE,
@@ -167,14 +177,15 @@ def setting_label(config: str, setting: str) -> str:
 
 
 def run_names(configs, sweeps: dict[str, tuple[str, list[str]]], seeds: list[int] | None) -> dict[str, Run]:
-    """run name -> Run: the config's name, then @FLAG=VALUE for a swept value and -sSEED with several seeds."""
+    """run name -> Run: the config's name, then @FLAG=VALUE for a swept value and -sSEED under --seeds
+    (one seed too: a later --seeds that adds a second finds the first's runs under their names)."""
     names = {}
     for config in configs:
         flag, values = sweeps.get(config, ("", [""]))
         for value in values:
             setting = f"{flag}={value}" if flag else ""
             for seed in seeds or [None]:
-                name = setting_label(config, setting) + (f"-s{seed}" if len(seeds or []) > 1 else "")
+                name = setting_label(config, setting) + (f"-s{seed}" if seeds else "")
                 names[name] = Run(config, setting, seed)
     return names
 
