@@ -272,7 +272,7 @@ def test_resume_is_exact_with_every_switch_on(shards, tmp_path):
     (["--optimizer", "muon", "--muon-cautious-wd", "1"], "needs a --muon-weight-decay > 0"),
     (["--optimizer", "muon", "--muon-weight-decay", "0.1", "--muon-fixed-norm", "1"], "restores the norm"),
     (["--optimizer", "muon", "--muon-ns", "ns7"], "invalid choice: 'ns7'"),
-    (["--adam-head-lr", "-1"], "--adam-scalar-lr >= 0"),
+    (["--adam-head-lr", "-1"], "--adam-head-lr must be >= 0"),
 ])
 def test_inconsistent_muon_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit):
