@@ -24,7 +24,8 @@ from gpt2.attention import EOT, AttentionMask, attention, attention_mask, yarn  
 from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
-                "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere")}
+                "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere"),
+                "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
 
 
@@ -56,17 +57,27 @@ class GPTConfig:
     moe_top_k: int = 2
     moe_bias_rate: float = 0.001  # aux-loss-free balancing: routing-bias step per optimizer step (DeepSeek-V3's gamma)
     qk_norm: bool = False  # RMS-normalize queries and keys per head before the dot product
+    # qk_norm: the normalized queries and keys are each multiplied by this (nanochat 1.2: scores x 1.44, sharper;
+    # nanochat/gpt.py @ 92d63d4); 1 = unit-RMS queries and keys
+    qk_norm_scale: float = 1.0
     sinks: bool = False  # a learned per-head logit in every softmax denominator: a head may attend to nothing (gpt-oss)
     window: int = 0  # > 0: even layers attend to the last `window` positions only, odd layers to all (gpt-oss: 128)
     tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
     softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
     doc_mask: bool = False  # a position attends only within its document (each <|endoftext|> opens one)
+    embed_norm: bool = False  # RMS-normalize the embedding (token + position) after the lookup (nanochat's norm(wte))
     # the 124M speedruns' wins (gpt2/speedrun.py, built by gpt2.models.build_model): every other layer, the last
     # included, adds a token embedding table of its own to its attention values, gated per kv head (1 at init)
     value_embeds: bool = False
     unet: bool = False  # block j's output (first half) is added to block L-1-j's input, weight learned (1 at init)
     x0_mix: bool = False  # each block's input is a x + b x0 (x0: the embedding); a, b learned per block (1, 0 at init)
+    # value_embeds' gate: 2sig32 = 2 sigmoid(linear of the first 32 channels), zero weights (1 at init) | nanochat =
+    # 3 sigmoid(linear of the first 12), weights U(0, 0.02) (nanochat/gpt.py @ 92d63d4)
+    ve_gate: str = "2sig32"
+    # x0_mix's init: identity = a 1, b 0 | nanochat = a from 1.15 (first layer) to 1.05 (last), b from 0.20 to 0.05,
+    # linearly (its resid_lambdas and x0_lambdas, nanochat/gpt.py @ 92d63d4)
+    x0_mix_init: str = "identity"
     # a weight-constrained variant instead of GPT-2 (built by gpt2.models.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -86,9 +97,14 @@ class GPTConfig:
             raise ValueError("n_kv_head, window, softcap and moe_experts must be >= 0 (0: off)")
         if self.mode != "gpt2" and self.zero_init:
             raise ValueError(f"zero_init cannot be combined with mode {self.mode}: a zero matrix has no direction")
-        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix):
-            raise ValueError(f"value_embeds, unet and x0_mix need mode gpt2: the learned mixes would undo "
-                             f"{self.mode}'s unit magnitudes")
+        for name, default, needs in (("qk_norm_scale", 1.0, "qk_norm"), ("ve_gate", "2sig32", "value_embeds"),
+                                     ("x0_mix_init", "identity", "x0_mix")):
+            if getattr(self, name) != default and not getattr(self, needs):
+                raise ValueError(f"{name} {getattr(self, name)!r} acts on {needs} only: turn it on (--"
+                                 f"{needs.replace('_', '-')} 1) or leave {name} at {default!r}")
+        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm):
+            raise ValueError(f"value_embeds, unet, x0_mix and embed_norm need mode gpt2: {self.mode} sets the unit "
+                             "magnitudes itself (of its embedding too), and the learned mixes would undo them")
         if self.rope_scaling == "yarn" and not (self.pos == "rope" and self.rope_factor >= 1
                                                 and self.rope_beta_fast > self.rope_beta_slow > 0
                                                 and self.rope_original_context > 0):
@@ -149,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = self.linear(config, config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
         self.c_proj = self.linear(config, config.n_embd, config.n_embd)
         self.c_proj.residual_out = True  # scaled (or zeroed) at init, see GPT._init_weights
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.qk_norm_scale = config.qk_norm, config.qk_norm_scale
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
 
@@ -171,6 +187,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(sizes, dim=2))
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if self.qk_norm_scale != 1.0:  # nanochat's sharper attention (GPTConfig allows it with qk_norm only)
+            q, k = q * self.qk_norm_scale, k * self.qk_norm_scale
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
@@ -331,11 +349,12 @@ class GPT(nn.Module):
                 block.attn.window = window
 
     def embed(self, idx, start: int):
-        """The residual stream's start for tokens idx (B, T) at positions start..: token plus position embeddings."""
+        """The residual stream's start for tokens idx (B, T) at positions start..: token plus position embeddings
+        (with embed_norm, RMS-normalized: unit RMS whatever the tables' scale)."""
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device))
-        return x
+        return F.rms_norm(x, (x.size(-1),)) if self.config.embed_norm else x
 
     def head_weight(self) -> torch.Tensor:
         """The (vocab, C) matrix the logits are computed with (one tensor, shared by both loss paths)."""

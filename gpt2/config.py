@@ -73,12 +73,35 @@ class TrainConfig:
     muon_beta2: float = 0.95  # NorMuon's second-moment EMA (nanochat 0.95, modded-nanogpt 0.9)
     muon_manifold: str = choice("none", "stiefel")  # stiefel: manifold Muon, every Muon matrix (block) semi-orthogonal
     muon_manifold_iters: int = 10  # stiefel's dual-ascent steps; 0: cheap: tangent-projected momentum, msign, retract
-    # peak lrs of the AdamW groups (0: max_lr); the schedule scales them like max_lr. The anchors, with the
-    # embedding RMS-normalized after the lookup (unlike GPT-2's): nanochat embed 0.3, head 0.008, scalars 0.5
-    # (embed and head times (n_embd / 768) ** -0.5); modded-nanogpt Adam 0.008, scalars 5x that
-    adam_embed_lr: float = 0.0  # token (untied) and position tables
-    adam_head_lr: float = 0.0  # the LM head; tied to the token table, the shared table
-    adam_scalar_lr: float = 0.0  # the 1-D parameters: biases, norm gains, sinks
+    # AdamW's settings per parameter role (gpt2/optim.py param_roles; Muon's matrices stay Muon's), each scaled by
+    # the schedule like max_lr. Unset (lr, beta1, beta2 0; wd -1): the parent role's (value_embed: embed, x0:
+    # scalar), else --max-lr, --beta1, --beta2 and GPT-2's decay (--weight-decay on tables and matrices, 0 on 1-D
+    # parameters). The anchors' values (nanochat, modded-nanogpt): README "Per-role learning rates"
+    adam_embed_lr: float = 0.0  # peak lr of the token (untied) and position tables (0: --max-lr)
+    adam_embed_beta1: float = 0.0  # ... their Adam beta1 (0: --beta1)
+    adam_embed_beta2: float = 0.0  # ... their Adam beta2 (0: --beta2)
+    adam_embed_wd: float = -1.0  # ... their weight decay (-1: GPT-2's)
+    adam_head_lr: float = 0.0  # peak lr of the LM head (tied: of the shared table; 0: --max-lr)
+    adam_head_beta1: float = 0.0  # ... its Adam beta1 (0: --beta1)
+    adam_head_beta2: float = 0.0  # ... its Adam beta2 (0: --beta2)
+    adam_head_wd: float = -1.0  # ... its weight decay (-1: GPT-2's)
+    adam_value_embed_lr: float = 0.0  # peak lr of the value-embedding tables (0: the embed role's, else --max-lr)
+    adam_value_embed_beta1: float = 0.0  # ... their Adam beta1 (0: the embed role's, else --beta1)
+    adam_value_embed_beta2: float = 0.0  # ... their Adam beta2 (0: the embed role's, else --beta2)
+    adam_value_embed_wd: float = -1.0  # ... their weight decay (-1: the embed role's, else GPT-2's)
+    adam_scalar_lr: float = 0.0  # peak lr of the 1-D parameters: biases, norm gains, sinks, lambdas (0: --max-lr)
+    adam_scalar_beta1: float = 0.0  # ... their Adam beta1 (0: --beta1)
+    adam_scalar_beta2: float = 0.0  # ... their Adam beta2 (0: --beta2)
+    adam_scalar_wd: float = -1.0  # ... their weight decay (-1: GPT-2's)
+    adam_x0_lr: float = 0.0  # peak lr of x0_mix's x0 lambdas (0: the scalar role's, else --max-lr)
+    adam_x0_beta1: float = 0.0  # ... their Adam beta1 (0: the scalar role's, else --beta1)
+    adam_x0_beta2: float = 0.0  # ... their Adam beta2 (0: the scalar role's, else --beta2)
+    adam_x0_wd: float = -1.0  # ... their weight decay (-1: the scalar role's, else GPT-2's)
+    adam_gate_lr: float = 0.0  # peak lr of the gates AdamW holds (ve_gate, modules tagged "gate"; 0: --max-lr)
+    adam_gate_beta1: float = 0.0  # ... their Adam beta1 (0: --beta1)
+    adam_gate_beta2: float = 0.0  # ... their Adam beta2 (0: --beta2)
+    adam_gate_wd: float = -1.0  # ... their weight decay (-1: GPT-2's)
+    adam_width_scale: bool = False  # embed, head and value_embed lrs x (n_embd / 768) ** -0.5 (nanochat dmodel scale)
     ema_sigma_rel: float = 0.0  # > 0: also keep EDM2's power-function EMA of the weights (0.05-0.1) and evaluate it
     ema_snapshot_every: int = 0  # > 0: save the EMA (and one of half its width) to logs/<run>/ema/ this often (ema.py)
     # evaluation, sampling and checkpoints (0 disables; each also runs at the last step)
@@ -147,6 +170,8 @@ PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 10
 TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
 LEGACY = {f.name: f.metadata["legacy"] for f in TRAIN_FIELDS if f.metadata.get("legacy")}
 MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "vocab_size")]
+# the AdamW roles with settings of their own (adam_<role>_lr, ...); gpt2/optim.py says which parameters play each
+ADAM_ROLES = tuple(f.name[len("adam_") : -len("_lr")] for f in TRAIN_FIELDS if re.fullmatch(r"adam_\w+_lr", f.name))
 
 # Descriptions of the model fields that model.py leaves without a comment.
 MODEL_HELP = {
@@ -164,9 +189,11 @@ RANGES = {
     "ema_sigma_rel": "[0, 0.3]",  # 0: no EMA
     "vocab_multiple": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)",
     "rope_theta": "(0, inf)", "rope_factor": "[1, inf)", "rope_beta_fast": "(0, inf)", "rope_beta_slow": "(0, inf)",
-    "rope_original_context": "[1, inf)", "moe_top_k": "[1, inf)", "mp_blend": "[0, 1]",
+    "rope_original_context": "[1, inf)", "moe_top_k": "[1, inf)", "mp_blend": "[0, 1]", "qk_norm_scale": "(0, inf)",
+    **{f"adam_{role}_{beta}": "[0, 1)" for role in ADAM_ROLES for beta in ("beta1", "beta2")},  # 0: unset
 }
-CHECKED_JOINTLY = ("muon_weight_decay", "muon_beta2", "adam_embed_lr", "adam_head_lr", "adam_scalar_lr")
+ROLE_DECAYS = tuple(f"adam_{role}_wd" for role in ADAM_ROLES)  # -1 (unset) or >= 0, see check_flags
+CHECKED_JOINTLY = ("muon_weight_decay", "muon_beta2", *ROLE_DECAYS)
 
 # Fields that decide which tokens are seen and what the optimizer does (and every model field): a resumed run
 # must not change them.
@@ -176,8 +203,8 @@ RESUME_MUST_MATCH = (
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
     "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "muon_manifold",
-    "muon_manifold_iters", "adam_embed_lr", "adam_head_lr", "adam_scalar_lr", "ema_sigma_rel", "ema_snapshot_every",
-    "decay_ref_steps", "seed",
+    "muon_manifold_iters", "ema_sigma_rel", "ema_snapshot_every", "decay_ref_steps", "seed",
+    *(f.name for f in TRAIN_FIELDS if f.name.startswith("adam_")),
 )
 
 
@@ -300,8 +327,11 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
         parser.error("--muon-weight-decay must be >= 0, and 0 with --muon-fixed-norm 1 (which restores the norm)")
     if cfg.muon_cautious_wd and not cfg.muon_weight_decay:
         parser.error("--muon-cautious-wd 1 needs a --muon-weight-decay > 0 to be cautious about")
-    if not 0 <= cfg.muon_beta2 < 1 or not min(cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr) >= 0:
-        parser.error("--muon-beta2 must be in [0, 1), and --adam-embed-lr, --adam-head-lr, --adam-scalar-lr >= 0")
+    if not 0 <= cfg.muon_beta2 < 1:
+        parser.error(f"--muon-beta2 must be in [0, 1), got {cfg.muon_beta2!r}")
+    for name in ROLE_DECAYS:
+        if not (getattr(cfg, name) == -1 or getattr(cfg, name) >= 0):  # NaN fails both
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, or -1 (unset), got {getattr(cfg, name)!r}")
     check_manifold(parser, cfg, defaults)
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")

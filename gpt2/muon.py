@@ -21,8 +21,6 @@ checkpoint is complete). The blocks are stacked by shape; each rank orthogonaliz
 and one all_gather per shape (in bf16, the iteration's own precision: nothing is rounded) shares the results,
 so the collectives per step are the number of distinct shapes, not of matrices (map_stacks; manifold Muon's
 steps are shared the same way, in fp32).
-
-set_adamw_lrs gives the AdamW beside Muon its own lrs for the embeddings, the head and the 1-D parameters.
 """
 
 import torch
@@ -119,29 +117,6 @@ def fused_row_splits(model) -> dict[torch.nn.Parameter, tuple[int, ...]]:
         elif name.endswith(".c_fc.weight") and ".mlp." in name and c.mlp in GATED:
             splits[p] = (p.shape[0] // 2,) * 2
     return splits
-
-
-def set_adamw_lrs(adamw: torch.optim.Optimizer, model, embed_lr: float, head_lr: float, scalar_lr: float):
-    """Split the AdamW groups of a GPT by role and give each role its peak lr (0: keep the group's): the token,
-    position and value-embedding tables (embed), the LM head (head; when tied, the shared table), the 1-D
-    parameters (biases, norm gains, sinks, the speedrun lambdas: scalar). Weight decay stays per group as
-    model.configure_optimizers set it."""
-    roles = {}
-    for name, p in model.named_parameters(remove_duplicate=False):  # a tied table shows under both names
-        if name == "lm_head.weight":
-            roles[id(p)] = "head"
-        elif name in ("transformer.wte.weight", "transformer.wpe.weight") or name.startswith("transformer.ve."):
-            roles.setdefault(id(p), "embed")
-        elif p.dim() < 2:
-            roles[id(p)] = "scalar"
-    lrs = {"embed": embed_lr, "head": head_lr, "scalar": scalar_lr}
-    groups = []
-    for group in adamw.param_groups:
-        for role in (None, "embed", "head", "scalar"):
-            params = [p for p in group["params"] if roles.get(id(p)) == role]
-            if params:
-                groups.append({**group, "params": params, "lr": lrs.get(role) or group["lr"]})
-    adamw.param_groups = groups  # before the first step: no state refers to the old groups yet
 
 
 class Muon(torch.optim.Optimizer):

@@ -1,5 +1,9 @@
 """The optimizers and what changes with the step: the lr schedule (and Muon's momentum warm-up), and the
-speedruns' batch and window ramps. All are functions of the step alone, so a resumed run follows them exactly."""
+speedruns' batch and window ramps. All are functions of the step alone, so a resumed run follows them exactly.
+
+AdamW's parameters play roles (param_roles), and each role may have its own peak lr, betas and weight decay
+(TrainConfig's adam_<role>_lr, _beta1, _beta2, _wd): the anchors train embeddings, head and scalars at 10-1000x a
+matrix's lr (README "Per-role learning rates")."""
 
 import math
 
@@ -7,8 +11,16 @@ import torch
 
 from gpt2.config import TrainConfig
 from gpt2.manifold import ManifoldMuon
-from gpt2.muon import Muon, fused_row_splits, set_adamw_lrs
+from gpt2.muon import Muon, fused_row_splits
 from model import GPT
+
+ROLES = ("embed", "head", "scalar", "value_embed", "x0", "gate")  # AdamW's roles, in the order of their groups
+# The later roles take their parent's settings where they have none of their own, and its group when they have none
+# at all (gate: the matrices'), so that runs from before them resume with the same groups.
+PARENTS = {"value_embed": "embed", "x0": "scalar", "gate": None}
+# a setting's value when unset (TrainConfig's adam_<role>_<setting>)
+UNSET = {"lr": 0.0, "beta1": 0.0, "beta2": 0.0, "wd": -1.0}
+WIDTH_SCALED = ("embed", "head", "value_embed")  # nanochat's lr x (n_embd / 768) ** -0.5 (nanochat/gpt.py @ 92d63d4)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -53,18 +65,76 @@ def window_at(cfg: TrainConfig, step: int) -> int:
     return int(window // cfg.window_start * cfg.window_start)
 
 
+def param_roles(model: GPT) -> dict[int, str]:
+    """Each parameter's role, by id: the `optim_role` of the innermost module that has one, else by name: the LM
+    head (a tied table is the head's), the token and position tables (embed), the value-embedding tables
+    (value_embed), the x0 lambdas (x0), any other 1-D parameter (scalar: biases, norm gains, sinks, lambdas).
+    Matrices have none."""
+    roles = {}
+    for module in model.modules():  # parents before children: the innermost tag wins
+        if (role := getattr(module, "optim_role", None)) is not None:
+            if role not in ROLES:
+                raise ValueError(f"{type(module).__name__}.optim_role {role!r} is not one of {ROLES}")
+            roles.update({id(p): role for p in module.parameters()})
+    tagged = set(roles)
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied table shows under both names
+        if id(p) in tagged:
+            continue
+        if name == "lm_head.weight":
+            roles[id(p)] = "head"
+        elif name in ("transformer.wte.weight", "transformer.wpe.weight"):
+            roles.setdefault(id(p), "embed")
+        elif name.startswith("transformer.ve."):
+            roles[id(p)] = "value_embed"
+        elif name == "x0_lambdas":
+            roles[id(p)] = "x0"
+        elif p.dim() < 2:
+            roles[id(p)] = "scalar"
+    return roles
+
+
+def own_settings(cfg: TrainConfig, role: str | None) -> dict[str, float]:
+    """The settings cfg gives role itself, not its parent ({'lr': ..., 'wd': ...}), the unset left out."""
+    values = {key: getattr(cfg, f"adam_{role}_{key}") for key in UNSET} if role else {}
+    return {key: value for key, value in values.items() if value != UNSET[key]}
+
+
+def role_group(cfg: TrainConfig, role: str, group: dict) -> dict:
+    """group (a configure_optimizers group) with role's lr, betas and weight decay: its own, else its parent's,
+    else the group's."""
+    settings = {**own_settings(cfg, PARENTS.get(role)), **own_settings(cfg, role)}
+    lr = settings.get("lr", group["lr"])
+    if cfg.adam_width_scale and role in WIDTH_SCALED:
+        lr *= (cfg.model.n_embd / 768) ** -0.5
+    betas = (settings.get("beta1", group["betas"][0]), settings.get("beta2", group["betas"][1]))
+    return {**group, "lr": lr, "betas": betas, "weight_decay": settings.get("wd", group["weight_decay"])}
+
+
+def split_by_role(adamw: torch.optim.Optimizer, model: GPT, cfg: TrainConfig):
+    """Split AdamW's groups (decayed, not decayed) by parameter role, each role's part with its settings."""
+    joined = {role: parent for role, parent in PARENTS.items() if not own_settings(cfg, role)}
+    roles = {key: joined.get(role, role) for key, role in param_roles(model).items()}
+    groups = []
+    for group in adamw.param_groups:
+        for role in (None, *ROLES):
+            params = [p for p in group["params"] if roles.get(id(p)) == role]
+            if params:
+                groups.append({**(role_group(cfg, role, group) if role else group), "params": params})
+    adamw.param_groups = groups  # before the first step: no state refers to the old groups yet
+
+
 def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for the blocks' matrices (model.hidden_matrices; under manifold Muon, not the gates and
-    MoE routers: AdamW keeps those) plus AdamW for the rest. Each group remembers its peak lr (initial_lr) so the
-    schedule can scale every optimizer by the same factor."""
+    MoE routers: AdamW keeps those) plus AdamW for the rest, its groups split by role when a role has settings.
+    Each group remembers its peak lr (initial_lr) so the schedule can scale every optimizer by the same factor."""
     hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
     if cfg.muon_manifold == "stiefel":  # unit singular values would set a zero gate to a random one, fix a router's
         keep = {id(p) for m in model.modules() if getattr(m, "keeps_its_scale", False) for p in m.parameters()}
         hidden = [p for p in hidden if id(p) not in keep]
     adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
                                        exclude=hidden)
-    if cfg.adam_embed_lr or cfg.adam_head_lr or cfg.adam_scalar_lr:
-        set_adamw_lrs(adamw, model, cfg.adam_embed_lr, cfg.adam_head_lr, cfg.adam_scalar_lr)
+    if cfg.adam_width_scale or any(own_settings(cfg, role) for role in ROLES):
+        split_by_role(adamw, model, cfg)
     optimizers = [adamw]
     if cfg.optimizer == "muon":
         options = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm, ns=cfg.muon_ns,

@@ -16,7 +16,8 @@ from model import GPT, MLP, GPTConfig, apply_rope, rope_tables
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
 ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, sinks=True, window=8,
-              tie_head=False, zero_init=True, softcap=15.0, doc_mask=True, value_embeds=True, unet=True, x0_mix=True)
+              tie_head=False, zero_init=True, softcap=15.0, doc_mask=True, value_embeds=True, unet=True, x0_mix=True,
+              embed_norm=True, qk_norm_scale=1.2, ve_gate="nanochat", x0_mix_init="nanochat")
 # original context 1024 puts head size 8's pairs in all three regimes: 0 kept, 1 and 2 blended, 3 interpolated
 YARN = dict(pos="rope", rope_scaling="yarn", rope_original_context=1024)
 SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"), dict(mlp="swiglu"),

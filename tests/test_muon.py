@@ -254,7 +254,8 @@ def test_resume_is_exact_with_every_switch_on(shards, tmp_path):
              "--log-dir", str(tmp_path), "--max-steps", "6", "--val-every", "3", "--checkpoint-every", "0",
              "--optimizer", "muon", "--mlp", "swiglu", "--tie-head", "0", "--muon-split", "1", "--muon-ns", "polar",
              "--muon-weight-decay", "0.1", "--muon-cautious-wd", "1", "--muon-normuon", "1", "--adam-embed-lr", "0.01",
-             "--adam-head-lr", "0.004", "--adam-scalar-lr", "0.02"]
+             "--adam-head-lr", "0.004", "--adam-scalar-lr", "0.02", "--adam-embed-beta1", "0.8", "--adam-head-wd", "0.01",
+             "--adam-scalar-beta2", "0.99", "--adam-width-scale", "1"]
     train_gpt2.main([*flags, "--run-name", "straight"])
     train_gpt2.main([*flags, "--run-name", "resumed", "--stop-at", "3"])
     train_gpt2.main([*flags, "--run-name", "resumed"])
@@ -272,7 +273,7 @@ def test_resume_is_exact_with_every_switch_on(shards, tmp_path):
     (["--optimizer", "muon", "--muon-cautious-wd", "1"], "needs a --muon-weight-decay > 0"),
     (["--optimizer", "muon", "--muon-weight-decay", "0.1", "--muon-fixed-norm", "1"], "restores the norm"),
     (["--optimizer", "muon", "--muon-ns", "ns7"], "invalid choice: 'ns7'"),
-    (["--adam-head-lr", "-1"], "--adam-scalar-lr >= 0"),
+    (["--adam-head-lr", "-1"], "--adam-head-lr must be >= 0"),
 ])
 def test_inconsistent_muon_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit):
