@@ -64,6 +64,17 @@ MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  #
 # embedding RMS-normalized after the lookup and gain-free norms, neither of which GPT-2 has
 ANCHOR_ADAM_LRS = ["--adam-embed-lr", "0.008", "--adam-head-lr", "0.008", "--adam-scalar-lr", "0.04"]
 
+# nanochat's per-role AdamW settings (nanochat/gpt.py setup_optimizer and scripts/base_train.py @ 92d63d4; README
+# "Per-role learning rates"), for its RMS-normed embedding; its x0 lambdas' own (dev/LOG.md, 2026-01-19) with its
+# x0 init; its QK-norm scale
+NANOCHAT_ROLES = (
+    "--eps 1e-10 --adam-width-scale 1 --adam-embed-lr 0.3 --adam-embed-beta1 0.8 --adam-embed-beta2 0.995 "
+    "--adam-embed-wd 0.001 --adam-head-lr 0.008 --adam-head-beta1 0.8 --adam-head-beta2 0.96 --adam-head-wd 0.01 "
+    "--adam-value-embed-lr 0.15 --adam-value-embed-wd 0.01 --adam-scalar-lr 0.005 --adam-scalar-beta1 0.8 "
+    "--adam-scalar-wd 0.05 --adam-gate-lr 0.2 --adam-gate-beta1 0.8 --adam-gate-wd 0").split()
+NANOCHAT_X0 = "--x0-mix 1 --x0-mix-init nanochat --adam-x0-lr 0.5 --adam-x0-beta1 0.96 --adam-x0-wd 0".split()
+NANOCHAT_QK = "--qk-norm 1 --qk-norm-scale 1.2".split()
+
 # suite -> {config name -> train_gpt2.py flags}, in plotting order; the first config is the baseline
 SUITES: dict[str, dict[str, list[str]]] = {
     # the headline CPU ablation: the modern optimizer alone, then everything modern at once
@@ -137,6 +148,19 @@ SUITES: dict[str, dict[str, list[str]]] = {
     # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
     # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
     # --weight-decay after `--`, which would override them) and at the baseline's
+    # the anchors' recipe around the speedrun preset (which packs its rows): crop against pack, then nanochat's
+    # per-role AdamW settings, its QK-norm scale, value-embedding gate and x0 mixing, each on top, then all at once
+    "recipe": {
+        "baseline": [],
+        "speedrun-crop": [*flags(SPEEDRUN), "--align-docs", "crop"],
+        "speedrun": flags(SPEEDRUN),
+        "nanochat-lrs": [*flags(SPEEDRUN), *NANOCHAT_ROLES, "--embed-norm", "1"],
+        "qk-norm": [*flags(SPEEDRUN), *NANOCHAT_QK],
+        "ve-gate": [*flags(SPEEDRUN), "--ve-gate", "nanochat"],
+        "x0-mix": [*flags(SPEEDRUN), *NANOCHAT_X0],
+        "nanochat": [*flags(SPEEDRUN), *NANOCHAT_ROLES, "--embed-norm", "1", *NANOCHAT_QK, "--ve-gate", "nanochat",
+                     *NANOCHAT_X0],
+    },
     # the roadmap's verdicts at tuned lrs: each config swept over the lr that matters for it (--sweep, see the
     # docstring), on both corpora, then a second seed at each config's best
     "tuned": {
