@@ -3,6 +3,9 @@
 Routing as gpt-oss's MLPBlock: router logits -> the top-k experts -> softmax over those k logits -> the
 weighted sum of the k experts' outputs. Each expert is a model.MLP of the chosen --mlp kind (swiglu-oss for
 gpt-oss's experts), of width (dense width) / k: k active experts hold the dense MLP's active parameters.
+With moe_shared, one more expert of that kind takes every token and its output is added unweighted (DeepSeek-V3's
+shared expert, as karpathy/nanochat's MoE has it: nanochat/moe.py @ 0e4b3fa, PR #543); all experts are then
+(dense width) / (k + 1) wide.
 
 Balancing is DeepSeek-V3's auxiliary-loss-free method (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing
 Strategy for Mixture-of-Experts"): a per-expert bias is added to the router logits for the top-k choice only
@@ -50,8 +53,9 @@ class MoE(nn.Module):
         self.top_k, self.bias_rate = config.moe_top_k, config.moe_bias_rate
         self.router = nn.Linear(config.n_embd, config.moe_experts, bias=config.bias)
         self.router.keeps_its_scale = True  # its logits' scale is how sharp the routing is: off the Stiefel manifold
-        width = max(1, MLP.dense_width(config) // config.moe_top_k)
+        width = max(1, MLP.dense_width(config) // (config.moe_top_k + config.moe_shared))
         self.experts = nn.ModuleList(MLP(config, hidden=width) for _ in range(config.moe_experts))
+        self.shared = MLP(config, hidden=width) if config.moe_shared else None
         # the balancing bias: part of the routing (and of checkpoints), not a parameter
         self.register_buffer("route_bias", torch.zeros(config.moe_experts))
         # expert choices of this optimizer step's training forwards (a plain attribute, not a buffer: DDP would
@@ -73,7 +77,11 @@ class MoE(nn.Module):
         if self.experts[0].c_proj.bias is not None:
             y = y + self.stacked("c_proj", "bias", dtype)[expert_of_row]
         y = y[row].view(B * T, self.top_k, C)  # each token's k outputs, in its choices' order
-        return (weights.to(y.dtype).unsqueeze(1) @ y).view(B, T, C)
+        return self.add_shared(x, (weights.to(y.dtype).unsqueeze(1) @ y).view(B, T, C))
+
+    def add_shared(self, x, routed):
+        """routed (B, T, C) plus the shared expert's output on the tokens x (B T, C), if there is one."""
+        return routed if self.shared is None else routed + self.shared(x).view_as(routed)
 
     def stacked(self, layer: str, name: str, dtype) -> torch.Tensor:
         """(E, ...): every expert's c_fc or c_proj weight or bias, in dtype. All of them enter the graph, so each
@@ -129,7 +137,7 @@ class MoE(nn.Module):
         y = experts[0].activation(h) @ torch.stack([e.c_proj.weight for e in experts]).mT  # (E, N, C)
         if experts[0].c_proj.bias is not None:
             y = y + torch.stack([e.c_proj.bias for e in experts])[:, None]
-        return torch.einsum("enc,ne->nc", y, gates.to(y.dtype)).view(B, T, C)
+        return self.add_shared(x, torch.einsum("enc,ne->nc", y, gates.to(y.dtype)).view(B, T, C))
 
     @torch.no_grad()
     def rebalance(self, counts: torch.Tensor):
@@ -170,8 +178,8 @@ class MoEGPT(GPT):
         return [[round(f, 4) for f in m.loads.tolist()] for m in layers]
 
     def flops_per_token(self, seq_len: int) -> int:
-        """GPT's count with the active parameters only: a token's k experts and the router, not the E - k
-        idle experts (dense_reference computes them too, to throw their outputs away)."""
+        """GPT's count with the active parameters only: a token's k experts (and the shared one) and the router,
+        not the E - k idle experts (dense_reference computes them too, to throw their outputs away)."""
         c = self.config
         expert = sum(p.numel() for p in self.moe_layers()[0].experts[0].parameters() if p.dim() >= 2)
         return super().flops_per_token(seq_len) - 6 * c.n_layer * (c.moe_experts - c.moe_top_k) * expert

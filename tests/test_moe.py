@@ -47,7 +47,8 @@ def naive_moe(layer: MoE, x):
         score = (logits + layer.route_bias).tolist()
         chosen = sorted(range(len(score)), key=lambda e: -score[e])[: layer.top_k]
         weights = torch.softmax(logits[chosen], dim=0)
-        out.append(sum(w * layer.experts[e](token) for w, e in zip(weights, chosen)))
+        shared = 0 if layer.shared is None else layer.shared(token)  # every token's, unweighted
+        out.append(shared + sum(w * layer.experts[e](token) for w, e in zip(weights, chosen)))
         chosen_all.append(chosen)
     return torch.stack(out).view_as(x), chosen_all
 
@@ -58,9 +59,10 @@ def grads(out, leaves, grad_out):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, found)]
 
 
-# top3: hidden width 128 / 3 = 42, 168 bytes in fp32: expert_matmul pads it to 16 bytes
-@pytest.mark.parametrize("switch", [dict(), dict(mlp="swiglu-oss", bias=False), dict(moe_top_k=3)],
-                         ids=["gelu", "swiglu-oss-no-bias", "top3"])
+# top3: hidden width 128 / 3 = 42, 168 bytes in fp32, and shared: 88 / 3 = 29; expert_matmul pads them to 16 bytes
+@pytest.mark.parametrize("switch", [dict(), dict(mlp="swiglu-oss", bias=False), dict(moe_top_k=3),
+                                    dict(mlp="swiglu", moe_shared=True)],
+                         ids=["gelu", "swiglu-oss-no-bias", "top3", "swiglu-shared"])
 def test_moe_layer_equals_per_token_loop_and_dense_reference(switch):
     layer = moe_layer(**switch)
     with torch.no_grad():  # an expert no token chooses: its block holds padding rows only
@@ -115,6 +117,8 @@ def test_top_1_is_refused_but_for_a_single_expert():
     with pytest.raises(ValueError, match="moe_top_k 1 leaves the router without gradient"):
         GPTConfig(**SMALL, moe_experts=4, moe_top_k=1)
     GPTConfig(**SMALL, moe_experts=1, moe_top_k=1)  # the dense MLP: no routing to learn (next test)
+    with pytest.raises(ValueError, match="moe_shared needs moe_experts > 0"):
+        GPTConfig(**SMALL, moe_shared=True)
 
 
 def test_one_expert_is_the_dense_mlp():
@@ -184,6 +188,10 @@ def test_flops_count_the_active_experts_and_the_router():
     expert = C * 2 * C + 2 * C * C  # width 4C / k = 64: c_fc and c_proj
     per_layer = C * 3 * C + C * C + 4 * C + 2 * expert  # attention, the router, the k = 2 active experts
     assert model.flops_per_token(16) == 6 * (V * C + L * per_layer) + 12 * L * C * 16
+    shared = build_model(GPTConfig(**SMALL, moe_experts=4, moe_top_k=2, moe_shared=True))
+    expert = C * 42 + 42 * C  # width 4C / (k + 1) = 42
+    per_layer = C * 3 * C + C * C + 4 * C + 3 * expert  # the 2 routed experts and the shared one
+    assert shared.flops_per_token(16) == 6 * (V * C + L * per_layer) + 12 * L * C * 16
 
 
 def test_kv_cache_generation_equals_full_rerun_with_moe():

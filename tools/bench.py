@@ -128,7 +128,8 @@ def main(argv=None):
     for use_compile, loss_mode, moe_dense in itertools.product(compiles, losses, moes):
         r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup, loss_mode, moe_dense)
         moe = f" | moe {'dense' if moe_dense else 'grouped':7s}" if cfg.model.moe_experts else ""
-        print(f"compile {int(use_compile)} | loss {loss_mode:7s}{moe}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
+        head = f"compile {int(use_compile)} | loss {loss_mode:7s}{moe}"
+        print(f"{head}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
               + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
     bps = bench_loader(cfg, device, args.data_dir)
     print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s (B {cfg.batch_size}, T {cfg.seq_len})")
