@@ -77,7 +77,7 @@ class MoE(nn.Module):
         if self.experts[0].c_proj.bias is not None:
             y = y + self.stacked("c_proj", "bias", dtype)[expert_of_row]
         y = y[row].view(B * T, self.top_k, C)  # each token's k outputs, in its choices' order
-        return self.add_shared(x, (weights.to(y.dtype).unsqueeze(1) @ y).view(B, T, C))
+        return self.add_shared(x, (y * weights.to(y.dtype)[..., None]).sum(1).view(B, T, C))
 
     def add_shared(self, x, routed):
         """routed (B, T, C) plus the shared expert's output on the tokens x (B T, C), if there is one."""
