@@ -56,6 +56,9 @@ class GPTConfig:
     moe_experts: int = 0
     moe_top_k: int = 2
     moe_bias_rate: float = 0.001  # aux-loss-free balancing: routing-bias step per optimizer step (DeepSeek-V3's gamma)
+    # one more expert, which every token goes to, its output added unweighted (DeepSeek-V3's shared expert, nanochat's
+    # MoE); every expert is then (dense width) / (top_k + 1) wide, for the dense MLP's active parameters
+    moe_shared: bool = False
     qk_norm: bool = False  # RMS-normalize queries and keys per head before the dot product
     # qk_norm: the normalized queries and keys are each multiplied by this (nanochat 1.2: scores x 1.44, sharper;
     # nanochat/gpt.py @ 92d63d4); 1 = unit-RMS queries and keys
@@ -113,6 +116,8 @@ class GPTConfig:
         if self.moe_experts and not (0 < self.moe_top_k <= self.moe_experts and self.mode == "gpt2"):
             raise ValueError(f"moe_experts {self.moe_experts} needs 0 < moe_top_k <= moe_experts (got "
                              f"{self.moe_top_k}) and mode gpt2 (the constrained modes have no experts)")
+        if self.moe_shared and not self.moe_experts:
+            raise ValueError("moe_shared needs moe_experts > 0: the shared expert sits beside the routed ones")
         if self.moe_experts > 1 and self.moe_top_k == 1:
             raise ValueError("moe_top_k 1 leaves the router without gradient (softmax over one expert); use 2 or more")
 

@@ -345,7 +345,8 @@ def test_sink_limits_and_wide_window_are_plain_attention():
 
 COMPILE_CASES = {  # every switch and mode in four compiles (each costs 20-40 s on 2 cores)
     "all-on": ALL_ON,
-    "all-on-moe": {**ALL_ON, **YARN, "mlp": "swiglu-oss", "moe_experts": 4, "moe_top_k": 2, "zero_init": False},
+    "all-on-moe": {**ALL_ON, **YARN, "mlp": "swiglu-oss", "moe_experts": 4, "moe_top_k": 2, "moe_shared": True,
+                   "zero_init": False},
     "edm2-relu2": dict(mode="edm2", mlp="relu2", softcap=30.0, window=8),
     "hypersphere": dict(mode="hypersphere", pos="rope", mlp="swiglu", sinks=True, n_kv_head=2),
 }

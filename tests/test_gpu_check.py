@@ -6,6 +6,7 @@ the plan's budget, the data check, the command lines, and the time-to-baseline f
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,13 +34,16 @@ def test_dry_run_prints_every_row(tmp_path):
         ("train step", "gpt2-124m-modern (tiny) B=2 T=32"), ("train step", "gpt2-124m-modern (tiny) B=4 T=32"),
         ("train step", "gpt2-124m-speedrun (tiny) B=2 T=32"), ("train step", "gpt2-124m-speedrun (tiny) B=4 T=32"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("fused loss", "gpt2-124m (tiny) B=4 T=32"),
-        ("checkpoint save", "gpt2-124m (tiny) model + AdamW state")]
+        ("moe step", "gpt2-124m (tiny) B=2 T=32"), ("checkpoint save", "gpt2-124m (tiny) model + AdamW state")]
     # the loop's loss on this device (chunked on the CPU), then the other one for gpt2-124m at the small batch
     assert [setting.split(", ")[-1] for _, setting, _, _ in rows[1:8]] == ["chunked loss"] * 6 + ["full loss"]
     assert rows[0][2].endswith("skipped") and "failed" not in rows[0][2]  # the GPU tests, collected and skipped
     assert all("ms/step" in result and "tok/s" in result for _, _, result, _ in rows[1:8])
     assert rows[8][2].startswith("skipped: needs CUDA and liger-kernel")  # the fused loss runs on CUDA only
-    assert "MB in" in rows[9][2]
+    assert re.fullmatch(r"grouped [\d.]+ vs dense [\d.]+ ms/step \([\d,]+ vs [\d,]+ tok/s, [+-][\d.]+% grouped\)",
+                        rows[9][2]), rows[9][2]
+    assert rows[9][1].endswith("8 swiglu-oss experts top-2, float32, chunked loss, grouped vs dense")
+    assert "MB in" in rows[10][2]
     assert all(float(seconds) >= 0 for *_, seconds in rows)
     assert list(tmp_path.iterdir()) == []  # the timed checkpoints are gone
     assert "[gpu_check] checkpoint save" in proc.stderr  # progress, with each section's time, on stderr
@@ -56,8 +60,9 @@ def test_failed_section_is_reported_and_the_rest_still_runs(tmp_path, monkeypatc
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows[0][2] == "1 failed: tests/test_cuda.py::x"
-    assert all(r[2] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 6.00 GiB" for r in rows[1:8])
-    assert "MB in" in rows[9][2] and "a check FAILED" in out
+    oom = "failed: RuntimeError: CUDA out of memory. Tried to allocate 6.00 GiB"
+    assert all(r[2] == oom for r in rows[1:8]) and rows[9][2] == oom  # the train steps and the experts' row
+    assert "MB in" in rows[10][2] and "a check FAILED" in out
 
 
 def test_only_runs_the_named_sections(tmp_path, capsys):
@@ -85,6 +90,26 @@ def test_fused_loss_row_compares_liger_with_the_full_logits_loss(monkeypatch):
     assert ok and measured == [("full", 4, True), ("full", 4, False)]  # the row's own batch size
     assert result == ("fused 80.0 vs full 100.0 ms/step (819,200 vs 655,360 tok/s, +25.0% with Liger), "
                       "peak 20.00 vs 28.50 GiB")
+
+
+def test_moe_row_compares_the_grouped_experts_with_the_dense_ones(monkeypatch):
+    """The experts' row measures gpt2-124m with 8 swiglu-oss experts (top 2) as the model runs them, then densely."""
+    measured = []
+
+    def measure(cfg, device, steps, warmup, loss_mode, fused=False, moe_dense=False):
+        m = cfg.model
+        measured.append((m.moe_experts, m.moe_top_k, m.mlp, cfg.batch_size, loss_mode, fused, moe_dense))
+        ms = 150.0 if moe_dense else 100.0
+        return {"step_ms": ms, "tok_per_s": 32768 / ms * 1000, "mem_gb": 30.0 if moe_dense else 12.0}
+
+    monkeypatch.setattr(gpu_check, "measure_step", measure)
+    args = argparse.Namespace(dry_run=True, only="moe-step", test_timeout=1, log_dir="unused")
+    [(check, setting, run)] = gpu_check.sections(args, torch.device("cpu"))
+    result, ok = run()
+    assert ok and measured == [(8, 2, "swiglu-oss", 2, "chunked", False, d) for d in (False, True)]
+    # 32768 tokens / 0.1 s and / 0.15 s; 150 / 100 - 1 = +50%
+    assert result == ("grouped 100.0 vs dense 150.0 ms/step (327,680 vs 218,453 tok/s, +50.0% grouped), "
+                      "peak 12.00 vs 30.00 GiB")
 
 
 def test_measured_steps_take_the_fused_loss_only_when_asked(monkeypatch):

@@ -1,15 +1,24 @@
-"""Mixture of experts (moe.py): the batched layer against a per-token loop, one expert is the dense MLP, the
-balancing bias does what DeepSeek-V3's rule says, FLOPs count the active experts, the KV cache and exact resume
-hold (DDP: test_constraints.py; torch.compile: test_arch.py)."""
+"""Mixture of experts (moe.py): the grouped evaluation against a per-token float64 loop and the dense reference
+(values and gradients, an unrouted expert included), the row layout by hand, bf16 autocast, one expert is the
+dense MLP, the balancing bias does what DeepSeek-V3's rule says, FLOPs count the active experts, DDP equals
+gradient accumulation bit for bit, torch.compile traces once for any routing, the KV cache and exact resume hold
+(torch.compile against eager: test_arch.py)."""
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
+from conftest import spawn_ranks
 from gpt2.models import build_model
-from gpt2.moe import MoE, MoEGPT
+from gpt2.moe import ROW_ALIGN, MoE, MoEGPT
+from gpt2.muon import Muon
 from model import GPT, GPTConfig
 
 SMALL = dict(block_size=32, n_layer=2, n_head=4, n_embd=32, vocab_multiple=128)
@@ -38,35 +47,78 @@ def naive_moe(layer: MoE, x):
         score = (logits + layer.route_bias).tolist()
         chosen = sorted(range(len(score)), key=lambda e: -score[e])[: layer.top_k]
         weights = torch.softmax(logits[chosen], dim=0)
-        out.append(sum(w * layer.experts[e](token) for w, e in zip(weights, chosen)))
+        shared = 0 if layer.shared is None else layer.shared(token)  # every token's, unweighted
+        out.append(shared + sum(w * layer.experts[e](token) for w, e in zip(weights, chosen)))
         chosen_all.append(chosen)
     return torch.stack(out).view_as(x), chosen_all
 
 
-@pytest.mark.parametrize("switch", [dict(), dict(mlp="swiglu-oss", bias=False), dict(moe_top_k=3)],
-                         ids=["gelu", "swiglu-oss-no-bias", "top3"])
-def test_moe_layer_equals_per_token_loop(switch):
+def grads(out, leaves, grad_out):
+    """d(out . grad_out) for each leaf; zeros for a leaf out of the graph (the loop's unchosen experts)."""
+    found = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, found)]
+
+
+# top3: hidden width 128 / 3 = 42, 168 bytes in fp32, and shared: 88 / 3 = 29; expert_matmul pads them to 16 bytes
+@pytest.mark.parametrize("switch", [dict(), dict(mlp="swiglu-oss", bias=False), dict(moe_top_k=3),
+                                    dict(mlp="swiglu", moe_shared=True)],
+                         ids=["gelu", "swiglu-oss-no-bias", "top3", "swiglu-shared"])
+def test_moe_layer_equals_per_token_loop_and_dense_reference(switch):
     layer = moe_layer(**switch)
+    with torch.no_grad():  # an expert no token chooses: its block holds padding rows only
+        layer.route_bias[1] = -100.0
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    expected, chosen = naive_moe(layer, x)
+    layer64, x64 = copy.deepcopy(layer).double(), x.detach().double().requires_grad_()
+    expected, chosen = naive_moe(layer64, x64)
+    assert 1 not in sum(chosen, []) and len(set(sum(chosen, []))) == 3
     # the routing bias must steer the choice: without it some tokens would pick other experts
     unbiased = torch.topk(layer.router(x.reshape(-1, 32)), layer.top_k).indices.sort(-1).values.tolist()
     assert [sorted(c) for c in chosen] != unbiased
-    leaves = [x, *layer.parameters()]
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
-    ref_grads = torch.autograd.grad(expected, leaves, grad_out, allow_unused=True)  # an expert nobody chose: None
-    ref_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, ref_grads)]
-    out = layer(x)
-    assert (out - expected).abs().max() < 1e-5
-    # autograd.grad refuses a leaf outside the graph: every expert takes part (DDP needs no find_unused_parameters)
-    for g, ref in zip(torch.autograd.grad(out, leaves, grad_out), ref_grads):
-        assert (g - ref).abs().max() < 1e-5
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref_grads = grads(expected, [x64, *layer64.parameters()], grad_out)
+    leaves, unrouted = [x, *layer.parameters()], {id(p) for p in layer.experts[1].parameters()}
+    for out in (layer(x), layer.dense_reference(x)):
+        assert out.dtype == torch.float32 and (out - expected).abs().max() < 1e-5
+        # no allow_unused: every expert's weights are in the graph (DDP needs no find_unused_parameters)
+        for p, g, ref in zip(leaves, torch.autograd.grad(out, leaves, grad_out.float()), ref_grads):
+            assert (g - ref).abs().max() < 1e-5
+            assert id(p) not in unrouted or not g.any()  # exactly zero: padding rows add nothing
+
+
+def test_rows_sorted_by_expert_by_hand():
+    layer = moe_layer()  # 4 experts, top 2
+    # 3 tokens' choices; expert 3 gets none; expert 2 is token 0's first and token 2's second choice
+    chosen = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    src, row, offs, expert_of_row = layer.sort_by_expert(chosen)
+    A = ROW_ALIGN
+    # blocks of A rows (each holds at most 3 pairs, expert 3 none), the last one up to 3 x 2 + 4 A rows
+    assert offs.dtype == torch.int32 and offs.tolist() == [A, 2 * A, 3 * A, 6 + 4 * A]
+    # expert 0: (token 0, choice 1), (token 2, choice 0); expert 1: (1, 1); expert 2: (0, 0), (1, 0), (2, 1)
+    assert row.tolist() == [2 * A, 0, 2 * A + 1, A, 1, 2 * A + 2]
+    expected_src = torch.full((6 + 4 * A,), 3)  # 3: the zero row, for every padding row
+    expected_src[[0, 1, A, 2 * A, 2 * A + 1, 2 * A + 2]] = torch.tensor([0, 2, 1, 0, 1, 2])
+    assert torch.equal(src, expected_src)
+    assert expert_of_row.tolist() == [0] * A + [1] * A + [2] * A + [3] * (6 + A)
+
+
+def test_bf16_autocast_runs_the_experts_in_bf16():
+    layer = moe_layer(mlp="swiglu-oss")
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    expected, _ = naive_moe(copy.deepcopy(layer).double(), x.double())
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16  # as the dense MLP under autocast: the experts' matmuls in bf16
+    # bf16's 8 mantissa bits: ~4e-3 relative per rounding; measured 6.2e-3 here (the dense reference's too, under
+    # autocast), on outputs up to 0.85
+    assert 0 < (out.double() - expected).abs().max() < 2e-2
 
 
 def test_top_1_is_refused_but_for_a_single_expert():
     with pytest.raises(ValueError, match="moe_top_k 1 leaves the router without gradient"):
         GPTConfig(**SMALL, moe_experts=4, moe_top_k=1)
     GPTConfig(**SMALL, moe_experts=1, moe_top_k=1)  # the dense MLP: no routing to learn (next test)
+    with pytest.raises(ValueError, match="moe_shared needs moe_experts > 0"):
+        GPTConfig(**SMALL, moe_shared=True)
 
 
 def test_one_expert_is_the_dense_mlp():
@@ -136,6 +188,10 @@ def test_flops_count_the_active_experts_and_the_router():
     expert = C * 2 * C + 2 * C * C  # width 4C / k = 64: c_fc and c_proj
     per_layer = C * 3 * C + C * C + 4 * C + 2 * expert  # attention, the router, the k = 2 active experts
     assert model.flops_per_token(16) == 6 * (V * C + L * per_layer) + 12 * L * C * 16
+    shared = build_model(GPTConfig(**SMALL, moe_experts=4, moe_top_k=2, moe_shared=True))
+    expert = C * 42 + 42 * C  # width 4C / (k + 1) = 42
+    per_layer = C * 3 * C + C * C + 4 * C + 3 * expert  # the 2 routed experts and the shared one
+    assert shared.flops_per_token(16) == 6 * (V * C + L * per_layer) + 12 * L * C * 16
 
 
 def test_kv_cache_generation_equals_full_rerun_with_moe():
@@ -169,3 +225,94 @@ def test_resume_is_bit_identical_with_moe(shards, tmp_path):
             assert len(r["moe_loads"]) == 2 and all(len(f) == 4 and abs(sum(f) - 1) < 1e-3 for f in r["moe_loads"])
     ckpt = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)
     assert ckpt["model"]["transformer.h.0.mlp.route_bias"].abs().sum() > 0
+
+
+DDP_CONFIG = dict(SMALL, vocab_size=512, moe_experts=8, moe_top_k=2, moe_bias_rate=0.01)
+
+
+def _train_three_steps(model, step_model, micro_batches, scale):
+    """Muon (the blocks' matrices, experts' included; under DDP each rank orthogonalizes its share) and AdamW
+    steps, each over its micro-batches: the backward of step_model's loss times scale for each, then the steps
+    and the rebalancing. Returns the gradient of an expert no token chooses, after the first step's micro-batches."""
+    adamw = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu", exclude=model.hidden_matrices())
+    muon = Muon(model.hidden_matrices(), lr=0.05)
+    unrouted = None
+    for step in micro_batches:
+        for x, y in step:
+            (step_model(x, y, return_logits=False)[1] * scale).backward()
+        unrouted = model.transformer.h[0].mlp.experts[7].c_fc.weight.grad.clone() if unrouted is None else unrouted
+        for optimizer in (adamw, muon):
+            optimizer.step()
+            optimizer.zero_grad()
+        model.after_step()
+    return unrouted
+
+
+def _moe_model():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(**DDP_CONFIG))
+    with torch.no_grad():
+        for layer in model.moe_layers():  # expert 7 is never chosen: DDP must still get its (zero) gradients
+            layer.route_bias[7] = -100.0
+    return model
+
+
+def _micro_batches(world):
+    g = torch.Generator().manual_seed(5)
+    return [[(torch.randint(0, 512, (2, 16), generator=g), torch.randint(0, 512, (2, 16), generator=g))
+             for _ in range(world)] for _ in range(3)]
+
+
+def _state(model):
+    return torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])  # routing biases too
+
+
+def _ddp_rank(rank, world, out):
+    model = _moe_model()
+    ddp = DDP(model)  # no find_unused_parameters
+    _train_three_steps(model, ddp, [[step[rank]] for step in _micro_batches(world)], 1.0)
+    gathered = [torch.empty_like(_state(model)) for _ in range(world)]
+    dist.all_gather(gathered, _state(model))
+    if rank == 0:
+        torch.save(gathered, out)
+    del ddp  # the DDP reducer's threads must be gone before the process group (else a rare abort at exit)
+
+
+def test_ddp_equals_gradient_accumulation_bit_for_bit(tmp_path):
+    spawn_ranks(_ddp_rank, 2, tmp_path / "w.pt")
+    rank0, rank1 = torch.load(tmp_path / "w.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: CPU sums depend on the thread count
+    try:  # one process: both ranks' micro-batches accumulated, each loss halved (DDP averages the ranks' gradients)
+        model = _moe_model()
+        unrouted = _train_three_steps(model, model, _micro_batches(2), 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(rank0, rank1) and torch.equal(rank0, _state(model))
+    assert not unrouted.any()  # a gradient, all zeros
+    assert not torch.equal(rank0, _state(_moe_model()))  # the steps moved the weights
+
+
+def test_compiled_moe_traces_once_for_any_routing():
+    # one layer (tracing time), the full-logits loss (the chunked one breaks the graph itself, experts or not)
+    model = build_model(GPTConfig(**{**DDP_CONFIG, "n_layer": 1}), loss_chunk_elements=0)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()  # eager, counting the frames it is given to compile
+    compiled = torch.compile(model, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    frames, choices = [], []
+    for step in range(4):
+        if step == 2:  # an expert no token chooses: an empty block must not change the graph
+            model.moe_layers()[0].route_bias[5] = -100.0
+        for _ in range(2):  # micro-batches: step_counts None, then a tensor
+            x = torch.randint(0, 512, (2, 16), generator=g)
+            compiled(x, x, return_logits=False)[1].backward()
+        choices.append(model.moe_layers()[0].step_counts.tolist())
+        model.after_step()
+        frames.append(backend.frame_count)
+    torch._dynamo.reset()
+    assert len({tuple(c) for c in choices}) == 4 and choices[2][5] == choices[3][5] == 0  # four routings
+    # traced in the first step only: for its first micro-batch (step_counts None) and its second (a tensor)
+    assert frames == [2, 2, 2, 2]
+    assert not counters["graph_break"]

@@ -3,6 +3,7 @@
     python -m tools.bench --preset tiny --device cpu --loss both            # chunked vs full-logits loss
     python -m tools.bench --preset gpt2-124m --batch-size 64                   # one GPU: bf16, compiled
     python -m tools.bench --preset gpt2-124m-modern --batch-size 64            # any train_gpt2.py flag works too
+    python -m tools.bench --device cpu --moe-experts 8 --mlp swiglu-oss --moe both  # experts: grouped vs dense
 
 
 Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
@@ -32,9 +33,13 @@ def sync(device: torch.device):
         torch.mps.synchronize()
 
 
-def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int, loss_mode: str) -> dict:
+def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, warmup: int, loss_mode: str,
+                moe_dense: bool = False) -> dict:
+    """moe_dense: the experts evaluated as MoE.dense_reference does (every expert on every token)."""
     torch.manual_seed(0)
     model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if loss_mode == "chunked" else 0).to(device)
+    for layer in model.moe_layers() if moe_dense else []:
+        layer.forward = layer.dense_reference
     optimizers = build_optimizers(cfg, model, device.type)
     step_model = torch.compile(model) if use_compile else model
     # a few different batches, so no step reuses the last one's inputs from cache
@@ -60,7 +65,7 @@ def bench_steps(cfg: TrainConfig, device, dtype, use_compile: bool, steps: int, 
     tok_per_s = cfg.batch_size * cfg.seq_len / dt
     peak = mfu_peak(device, dtype)
     return {
-        "compile": use_compile, "loss": loss_mode, "step_ms": dt * 1000, "tok_per_s": tok_per_s,
+        "compile": use_compile, "loss": loss_mode, "moe_dense": moe_dense, "step_ms": dt * 1000, "tok_per_s": tok_per_s,
         "mfu": model.flops_per_token(cfg.seq_len) * tok_per_s / peak if peak else None,
         "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -99,11 +104,16 @@ def main(argv=None):
     parser.add_argument("--loss", default="auto", choices=["auto", "chunked", "full", "both"],
                         help="chunked: no full logits; full: logits + F.cross_entropy; auto: as the training loop "
                              "(full on CUDA, chunked elsewhere)")
+    parser.add_argument("--moe", default="grouped", choices=["grouped", "dense", "both"],
+                        help="with --moe-experts: each expert on its own tokens (the model's) or on every token "
+                             "(MoE.dense_reference, the earlier evaluation)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-dir", help="time the loader on these shards (default: temporary random shards)")
     args, train_flags = parser.parse_known_args(argv)  # the rest are train_gpt2.py flags (--batch-size 64, --mlp relu2)
     cfg, _ = parse_config(["--preset", args.preset, *train_flags])
+    if args.moe != "grouped" and not cfg.model.moe_experts:
+        parser.error(f"--moe {args.moe} compares the experts' evaluations: add --moe-experts E (e.g. 8)")
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     if device.type == "cuda":
@@ -114,9 +124,12 @@ def main(argv=None):
     cuda = device.type == "cuda"
     compiles = {"auto": [cuda], "0": [False], "1": [True], "both": [False, True]}[args.compile]
     losses = {"auto": ["full" if cuda else "chunked"], "both": ["chunked", "full"]}.get(args.loss, [args.loss])
-    for use_compile, loss_mode in itertools.product(compiles, losses):
-        r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup, loss_mode)
-        print(f"compile {int(use_compile)} | loss {loss_mode:7s}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
+    moes = {"grouped": [False], "dense": [True], "both": [False, True]}[args.moe]
+    for use_compile, loss_mode, moe_dense in itertools.product(compiles, losses, moes):
+        r = bench_steps(cfg, device, dtype, use_compile, args.steps, args.warmup, loss_mode, moe_dense)
+        moe = f" | moe {'dense' if moe_dense else 'grouped':7s}" if cfg.model.moe_experts else ""
+        head = f"compile {int(use_compile)} | loss {loss_mode:7s}{moe}"
+        print(f"{head}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
               + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
     bps = bench_loader(cfg, device, args.data_dir)
     print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s (B {cfg.batch_size}, T {cfg.seq_len})")

@@ -2,11 +2,13 @@
 and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the loop runs), the same for gpt2-124m
 at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), gpt2-124m at
 B=64 with Liger-Kernel's fused LM head + cross-entropy against the full-logits loss (where `uv sync --extra gpu`
-installed it; the other rows run without it), and how long a 124M checkpoint with its optimizer state takes to save.
+installed it; the other rows run without it), gpt2-124m at B=16 with 8 experts (top 2) computed on their own tokens
+against every expert on every token (the earlier dense evaluation), and how long a 124M checkpoint with its
+optimizer state takes to save.
 
     python3 -m tools.gpu_check > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
     python3 -m tools.gpu_check --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
-    python3 -m tools.gpu_check --only cuda-tests,fused-loss  # some sections only (the check column, - for spaces)
+    python3 -m tools.gpu_check --only cuda-tests,moe-step    # some sections only (the check column, - for spaces)
 
 The training-quality comparison of the presets is tools/gpu_quality.py. On a GPU machine without uv or the
 internet, Liger comes along as files: `uv pip install --no-deps --target data/liger liger-kernel==0.8.5` here
@@ -42,7 +44,8 @@ from tools.bench import bench_steps, sync
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
 DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
-CHECKS = ("cuda-tests", "train-step", "fused-loss", "checkpoint-save")  # --only's names: the check column's
+MOE = ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"]  # the experts of tools/ablate.py's moe suite
+CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "checkpoint-save")  # --only's names: the check column's
 
 
 def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
@@ -64,8 +67,9 @@ def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
     return summary + (f": {', '.join(failed)}" if failed else ""), proc.returncode == 0
 
 
-def bench_config(preset: str, batch_size: int, dry_run: bool):
-    return parse_config(["--preset", preset, "--batch-size", str(batch_size), *(DRY_MODEL if dry_run else [])])[0]
+def bench_config(preset: str, batch_size: int, dry_run: bool, *flags: str):
+    return parse_config(["--preset", preset, "--batch-size", str(batch_size), *(DRY_MODEL if dry_run else []),
+                         *flags])[0]
 
 
 def loop_loss(device) -> str:
@@ -87,12 +91,13 @@ def fused_loss_env(value: str):
             os.environ[FUSED_ENV] = before
 
 
-def measure_step(cfg, device, steps: int, warmup: int, loss_mode: str, fused: bool = False) -> dict:
+def measure_step(cfg, device, steps: int, warmup: int, loss_mode: str, fused: bool = False,
+                 moe_dense: bool = False) -> dict:
     """bench.py's bench_steps as the loop runs on this device (compiled in bf16 on CUDA, eager on the CPU), with
-    Liger's fused loss in place of the full-logits one only if fused."""
+    Liger's fused loss in place of the full-logits one only if fused, the experts evaluated densely if moe_dense."""
     with fused_loss_env("1" if fused else "0"):
         return bench_steps(cfg, device, autocast_dtype("auto", device), use_compile=device.type == "cuda",
-                           steps=steps, warmup=warmup, loss_mode=loss_mode)
+                           steps=steps, warmup=warmup, loss_mode=loss_mode, moe_dense=moe_dense)
 
 
 def train_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str, bool]:
@@ -118,6 +123,20 @@ def fused_step(cfg, device, steps: int, warmup: int) -> tuple[str, bool]:
         mem = f", peak {f['mem_gb']:.2f} vs {p['mem_gb']:.2f} GiB"
     return (f"fused {f['step_ms']:.1f} vs full {p['step_ms']:.1f} ms/step ({f['tok_per_s']:,.0f} vs "
             f"{p['tok_per_s']:,.0f} tok/s, {p['step_ms'] / f['step_ms'] - 1:+.1%} with Liger){mem}"), True
+
+
+def moe_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str, bool]:
+    """The experts on their own tokens (the model's evaluation) against every expert on every token
+    (MoE.dense_reference), one right after the other."""
+    runs = []
+    for dense in (False, True):
+        torch._dynamo.reset()  # two evaluations of one model class: each its own compile
+        runs.append(measure_step(cfg, device, steps, warmup, loss_mode, moe_dense=dense))
+    (g, d), mem = runs, ""
+    if g["mem_gb"] is not None:
+        mem = f", peak {g['mem_gb']:.2f} vs {d['mem_gb']:.2f} GiB"
+    return (f"grouped {g['step_ms']:.1f} vs dense {d['step_ms']:.1f} ms/step ({g['tok_per_s']:,.0f} vs "
+            f"{d['tok_per_s']:,.0f} tok/s, {d['step_ms'] / g['step_ms'] - 1:+.1%} grouped){mem}"), True
 
 
 def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
@@ -160,6 +179,10 @@ def sections(args, device) -> list[tuple[str, str, callable]]:
     cfg = bench_config(PRESETS[0], batch_sizes[1], args.dry_run)
     out.append(("fused loss", f"{PRESETS[0]}{tiny} B={batch_sizes[1]} T={cfg.seq_len}, Liger vs full logits",
                 lambda cfg=cfg: fused_step(cfg, device, steps, warmup)))
+    cfg = bench_config(PRESETS[0], batch_sizes[0], args.dry_run, *MOE)
+    out.append(("moe step", f"{PRESETS[0]}{tiny} B={batch_sizes[0]} T={cfg.seq_len}, 8 swiglu-oss experts top-2, "
+                f"{dtype}{', compiled' * (device.type == 'cuda')}, {loop_loss(device)} loss, grouped vs dense",
+                lambda cfg=cfg: moe_step(cfg, device, steps, warmup, loop_loss(device))))
     cfg = bench_config("gpt2-124m", 1, args.dry_run)
     out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
                 lambda: checkpoint_save(cfg, device, args.log_dir)))
