@@ -384,8 +384,8 @@ def check_curriculum(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults
     if cfg.untie_at:
         step = round(cfg.untie_at * cfg.max_steps)
         if not cfg.model.tie_head or cfg.ema_sigma_rel:
-            parser.error("--untie-at needs a tied head (leave --tie-head 0 out) and no --ema-sigma-rel (the EMA "
-                         "does not follow a parameter that appears mid-run)")
+            parser.error("--untie-at needs a tied head (--tie-head 1: the modern and speedrun presets untie it) and no "
+                         "--ema-sigma-rel (the EMA does not follow a parameter that appears mid-run)")
         if not 0 < step < cfg.max_steps:
             parser.error(f"--untie-at {cfg.untie_at} unties at step {step} of --max-steps {cfg.max_steps}: pick a "
                          f"share that lands between step 1 and {cfg.max_steps - 1}")

@@ -192,7 +192,7 @@ def test_two_ranks_equal_one_process(shards, tmp_path, straight):
 
 @pytest.mark.parametrize("args,message", [
     (["--untie-at", "0.5", "--tie-head", "0"], "--untie-at needs a tied head"),
-    (["--untie-at", "0.5", "--ema-sigma-rel", "0.1"], "--untie-at needs a tied head (leave --tie-head 0 out) and no"),
+    (["--untie-at", "0.5", "--ema-sigma-rel", "0.1"], "and no --ema-sigma-rel (the EMA does not follow"),
     (["--untie-at", "0.001"], "--untie-at 0.001 unties at step 0 of --max-steps 300"),
     (["--untie-at", "1"], "--untie-at must be in [0, 1), got 1.0"),
     (["--seq-len-start", "48"], "--seq-len-start 48 needs --seq-len 128 to be it times 2, 4, 8"),
