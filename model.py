@@ -133,10 +133,11 @@ class GPTConfig:
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
         # sizes may differ, and so may the settings of switches that are off (rope's, yarn's, the experts', mp_blend);
-        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly
+        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly;
+        # and tie_head: HF's GPT-2 holds an untied head as well (tie_word_embeddings false)
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
                 "rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_original_context", "moe_top_k",
-                "moe_bias_rate", "mp_blend", "doc_mask")
+                "moe_bias_rate", "mp_blend", "doc_mask", "tie_head")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 

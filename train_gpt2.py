@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from gpt2.config import PRESET_DATA, TrainConfig, changed_settings, parse_config
+from gpt2.curriculum import is_tied, model_config_at, seq_len_at, untie_head, untie_with_adamw, untied_at
 from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, gpt2_tokenizer, target_bytes, token_byte_lengths
 from gpt2.ema import PowerEMA, remove_snapshots_after, save_snapshot
 from gpt2.loss import fused_wanted
@@ -245,6 +246,8 @@ class Trainer:
         loss_path = "chunked" if chunked else "fused (Liger)" if fused_wanted(device_type) else "full-logits"
         raw_model = build_model(cfg.model, loss_chunk_elements=LOSS_CHUNK_ELEMENTS if chunked else 0).to(d.device)
         self.raw_model = raw_model
+        if ckpt is not None and untied_at(cfg, ckpt["step"]):  # saved after --untie-at's step: with the untied head
+            untie_head(raw_model)
         self.optimizers = build_optimizers(cfg, raw_model, device_type)
         self.emas = build_emas(cfg, raw_model)
         self.step, self.elapsed_before = 0, 0.0
@@ -252,7 +255,8 @@ class Trainer:
             self.restore(ckpt, resume_path, stop_step)
         self.cadence = Cadence.resuming(cfg, stop_step, ckpt)
         # val loss runs compiled too; HellaSwag and sampling call hidden()/generate(), which run eagerly
-        self.model = torch.compile(raw_model) if use_compile else raw_model
+        dynamic = False if cfg.seq_len_start else None  # each row length a graph of its own: a few (gpt2/curriculum.py)
+        self.model = torch.compile(raw_model, dynamic=dynamic) if use_compile else raw_model
         ddp_ids = [d.local_rank] if device_type == "cuda" else None
         self.train_model = DDP(self.model, device_ids=ddp_ids) if d.world_size > 1 else self.model
 
@@ -304,6 +308,21 @@ class Trainer:
         if self.cfg.window_start:
             self.raw_model.set_window(window_at(self.cfg, self.step))
 
+    def follow_curriculum(self):
+        """The step's row length and model config (gpt2/curriculum.py), and at --untie-at's step the head untied,
+        with AdamW and DDP rebuilt around it; before the step's evaluations, like follow_schedules."""
+        cfg, d, raw_model = self.cfg, self.d, self.raw_model
+        if cfg.seq_len_start:
+            self.train_loader.set_row_len(seq_len_at(cfg, self.step))
+            self.flops_per_token = raw_model.flops_per_token(seq_len_at(cfg, self.step))  # shorter rows' attention
+        if untied_at(cfg, self.step) and is_tied(raw_model):
+            self.optimizers[0] = untie_with_adamw(cfg, raw_model, self.optimizers[0], d.device.type)
+            if d.world_size > 1:  # DDP reduces the gradients of the parameters it was built with: the head's too
+                del self.train_model
+                self.train_model = DDP(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        if (config := model_config_at(cfg, self.step)) != raw_model.config:  # unchanged: no new guard for compile
+            raw_model.config = config
+
     def evaluate_if_due(self, stopping: bool):
         """val loss (and the EMA's), HellaSwag and samples, each on its own cadence."""
         cfg, d, step, due, result = self.cfg, self.d, self.step, self.cadence, self.result
@@ -333,14 +352,16 @@ class Trainer:
         cfg, d = self.cfg, self.d
         if self.emas and self.cadence.snapshot_due(self.step) and d.master:
             names = [name for name, _ in self.raw_model.named_parameters()]
-            self.log.print(f"saved {save_snapshot(self.run_dir, self.emas, names, dataclasses.asdict(cfg.model))}")
+            config = dataclasses.asdict(self.raw_model.config)
+            self.log.print(f"saved {save_snapshot(self.run_dir, self.emas, names, config)}")
         if self.cadence.checkpoint_due(self.step, stopping):
             if d.master:
                 state = {"model": self.raw_model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
                          "step": self.step, "loader": self.train_loader.state_dict(), "rng": rng_state(),
                          "elapsed": self.elapsed(), "evaluated": not stopping,  # see Cadence
                          "emas": [e.state_dict() for e in self.emas], "config": dataclasses.asdict(cfg),
-                         "model_config": dataclasses.asdict(cfg.model), "data_identity": self.data_id}
+                         "model_config": dataclasses.asdict(self.raw_model.config),  # as at this step (curriculum)
+                         "data_identity": self.data_id}
                 path = save_checkpoint(self.run_dir, state, cfg.keep_checkpoints)
                 self.log.print(f"saved {path}")
                 self.sync.after_checkpoint(path)  # in the background: --checkpoint-sync's copy off the box
@@ -394,6 +415,7 @@ class Trainer:
         self.result["train_loss"] = s.loss
         schedules = {"batch_tokens": s.tokens} if cfg.batch_ramp_start else {}
         schedules |= {"window": window_at(cfg, self.step - 1)} if cfg.window_start else {}
+        schedules |= {"seq_len": seq_len_at(cfg, self.step - 1)} if cfg.seq_len_start else {}
         loads = self.raw_model.moe_loads() if hasattr(self.raw_model, "moe_loads") else None
         schedules |= {"moe_loads": loads} if loads is not None else {}  # per layer, each expert's token fraction
         used = self.train_loader.data_used  # the share of the train tokens read so far that were targets
@@ -459,6 +481,7 @@ def train(cfg: TrainConfig, preset: str) -> dict:
         while True:
             stopping = stopping or (trainer.d.world_size == 1 and trainer.stop.requested)
             trainer.follow_schedules()
+            trainer.follow_curriculum()
             trainer.evaluate_if_due(stopping)
             trainer.save_if_due(stopping)
             if trainer.cadence.last(trainer.step) or stopping:

@@ -55,6 +55,13 @@ class TrainConfig:
     batch_ramp_frac: float = 0.25  # ... to all of it, linearly over this fraction of max_steps (whole micro-batches)
     window_start: int = 0  # > 0: the windowed layers' window rises from this to --window, in multiples of this
     window_ramp_frac: float = 1.0  # ... linearly over this fraction of max_steps
+    # the speedruns' growing rows and late untied head (gpt2/curriculum.py; 0 / none: off), functions of the step too
+    seq_len_start: int = 0  # > 0: rows start this long and double up to --seq-len; a micro-batch keeps its tokens
+    seq_len_ramp_frac: float = 0.333  # ... in equal stages over this fraction of max_steps (modded-nanogpt's 896: 1/3)
+    # YaRN (--rope-scaling yarn) counted over the first rows (seq-len) or windows (window) of their schedule, extended
+    # by the step's over them: each growth rescales RoPE (modded-nanogpt); sets --rope-original-context, --rope-factor
+    yarn_follows: str = choice("none", "seq-len", "window")
+    untie_at: float = 0.0  # > 0: at this share of max_steps the tied head becomes a matrix of its own (a table copy)
     weight_decay: float = 0.1  # AdamW's decoupled weight decay (matrices and embeddings only)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
@@ -185,7 +192,8 @@ RANGES = {
     "batch_size": "[1, inf)", "seq_len": "[1, inf)", "total_batch_size": "[1, inf)", "max_steps": "[1, inf)",
     "max_lr": "(0, inf)", "muon_lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "decay_frac": "[0, 1]",
     "decay_ref_steps": "[1, inf)", "batch_ramp_start": "[0, 1)", "batch_ramp_frac": "[0, 1]",
-    "window_ramp_frac": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)", "muon_momentum": "[0, 1)",
+    "window_ramp_frac": "[0, 1]", "seq_len_ramp_frac": "(0, 1]", "untie_at": "[0, 1)",
+    "beta1": "[0, 1)", "beta2": "[0, 1)", "muon_momentum": "[0, 1)",
     "ema_sigma_rel": "[0, 0.3]",  # 0: no EMA
     "vocab_multiple": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)",
     "rope_theta": "(0, inf)", "rope_factor": "[1, inf)", "rope_beta_fast": "(0, inf)", "rope_beta_slow": "(0, inf)",
@@ -199,7 +207,7 @@ CHECKED_JOINTLY = ("muon_weight_decay", "muon_beta2", *ROLE_DECAYS)
 # must not change them.
 RESUME_MUST_MATCH = (
     "data_dir", "align_docs", "shuffle", "seq_len", "total_batch_size", "batch_ramp_start", "batch_ramp_frac",
-    "window_start", "window_ramp_frac", "max_lr",
+    "window_start", "window_ramp_frac", "seq_len_start", "seq_len_ramp_frac", "yarn_follows", "untie_at", "max_lr",
     "min_lr_ratio", "schedule", "decay_frac", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup", "muon_fixed_norm", "muon_split",
     "muon_ns", "muon_weight_decay", "muon_cautious_wd", "muon_normuon", "muon_beta2", "muon_manifold",
@@ -333,6 +341,7 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
         if not (getattr(cfg, name) == -1 or getattr(cfg, name) >= 0):  # NaN fails both
             parser.error(f"--{name.replace('_', '-')} must be >= 0, or -1 (unset), got {getattr(cfg, name)!r}")
     check_manifold(parser, cfg, defaults)
+    check_curriculum(parser, cfg, defaults)
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")
     if problem := command_problem(cfg.checkpoint_sync):
@@ -354,3 +363,29 @@ def check_manifold(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: 
                      f"{', '.join(k for k, v in clashes.items() if v)} would fight or make meaningless (the manifold "
                      "sets the norms and has its own fp32 iteration, a zero matrix has no polar factor, edm2 and "
                      "hypersphere renormalize rows)")
+
+
+def check_curriculum(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: TrainConfig):
+    """The growing rows, YaRN following them and the late untied head (gpt2/curriculum.py): what each needs."""
+    start, end = cfg.seq_len_start, cfg.seq_len
+    if start and not (start < end and end % start == 0 and (end // start).bit_count() == 1):
+        parser.error(f"--seq-len-start {start} needs --seq-len {end} to be it times 2, 4, 8, ... (rows double from it "
+                     f"to --seq-len): e.g. --seq-len-start {end // 2} or {end // 4}")
+    grows = {"seq-len": ("--seq-len-start", start), "window": ("--window-start", cfg.window_start)}
+    if cfg.yarn_follows != "none":
+        flag, value = grows[cfg.yarn_follows]
+        model, base = cfg.model, defaults.model
+        if not value or model.rope_scaling != "yarn":
+            parser.error(f"--yarn-follows {cfg.yarn_follows} needs {flag} (what it follows) and --pos rope "
+                         "--rope-scaling yarn")
+        if (model.rope_factor, model.rope_original_context) != (base.rope_factor, base.rope_original_context):
+            parser.error(f"--yarn-follows {cfg.yarn_follows} sets YaRN's original context ({flag}) and factor (the "
+                         "step's length over it) itself: leave --rope-factor and --rope-original-context out")
+    if cfg.untie_at:
+        step = round(cfg.untie_at * cfg.max_steps)
+        if not cfg.model.tie_head or cfg.ema_sigma_rel:
+            parser.error("--untie-at needs a tied head (--tie-head 1: the modern and speedrun presets untie it) and no "
+                         "--ema-sigma-rel (the EMA does not follow a parameter that appears mid-run)")
+        if not 0 < step < cfg.max_steps:
+            parser.error(f"--untie-at {cfg.untie_at} unties at step {step} of --max-steps {cfg.max_steps}: pick a "
+                         f"share that lands between step 1 and {cfg.max_steps - 1}")

@@ -201,6 +201,11 @@ class ShardLoader:
     shuffle: every epoch visits the shards in a random order and each shard's windows in a random order, both
     drawn from (seed, epoch) (and the shard): each window once per epoch, the same order for every rank.
 
+    set_row_len: rows of a divisor of seq_len, for the sequence-length schedule (gpt2/curriculum.py): every row of
+    seq_len is cut into rows of that length, so a batch holds the same tokens and targets and the state, the ranks'
+    split and data_used stay those of full rows; with align_docs each piece opens with its first token read as
+    <|endoftext|>, as packing reads a document's rest that it moved to another row (a target of the piece before).
+
     data_used: the share of the tokens read so far that were targets, where a served window counts its targets
     (of all ranks) and reads an equal share of its shard: exact for every shard served whole.
 
@@ -231,6 +236,7 @@ class ShardLoader:
         self.data_dir, self.manifest, self._ids_checked = data_dir, manifest, set()
         self.sizes = [s["tokens"] for s in entries]
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.row_len = seq_len  # the rows served: T, or a divisor of it (set_row_len)
         self.window = batch_size * seq_len * world_size  # tokens all ranks consume per step (+1 for the targets)
         if max(self.sizes) < self.window + 1:
             raise ValueError(f"the {split} shards of {data_dir} hold at most {max(self.sizes)} tokens, fewer than one "
@@ -296,8 +302,24 @@ class ShardLoader:
         else:
             buf = buf.to(self.device)
         if buf.dim() == 2:  # (B, T+1) rows of their own
-            return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+            return self._cut(buf[:, :-1].contiguous(), buf[:, 1:].contiguous())
+        return self._cut(buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T))
+
+    def set_row_len(self, row_len: int) -> None:
+        """Serve rows of row_len tokens from the next batch on (see the class docstring)."""
+        if row_len < 1 or self.T % row_len:
+            raise ValueError(f"rows of {row_len} tokens do not divide seq_len {self.T}")
+        self.row_len = row_len
+
+    def _cut(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) inputs and targets as (B * T / row_len, row_len), each row's pieces in order."""
+        if self.row_len == self.T:
+            return x, y
+        x, y = x.reshape(-1, self.row_len), y.reshape(-1, self.row_len)
+        if self.aligned:  # a copy: a single row's x and y are views of the same tokens
+            x = x.clone()
+            x[:, 0] = EOT
+        return x, y
 
     def _count(self, index: int, served: int, targets: int) -> None:
         """data_used's counts after serving the served-th window of shard `index` (from 0), which has `targets`."""

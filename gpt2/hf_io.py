@@ -50,7 +50,7 @@ def from_pretrained(name_or_dir: str, vocab_multiple: int = 1) -> GPT:
     hf, sd = read_hf(name_or_dir)
     config = GPTConfig(
         block_size=hf["n_positions"], vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple,
-        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], tie_head=hf.get("tie_word_embeddings", True),
     )
     model = GPT(config)
     load_hf_state_dict(model, sd)
@@ -61,13 +61,13 @@ def load_hf_state_dict(model: GPT, sd: dict):
     """Copy an HF GPT-2 state dict into model, in place."""
     ours = model.state_dict()
     for key, value in sd.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # causal-mask buffers of old HF versions; the head is tied to wte
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and model.config.tie_head):
+            continue  # causal-mask buffers of old HF versions; a tied head is wte
         if key not in ours:
             raise KeyError(f"unexpected key in GPT-2 checkpoint: {key}")
         value = value.t() if key.endswith(_CONV1D) else value
         target = ours[key]
-        if key == "transformer.wte.weight":  # padded rows stay zero: they are never predicted
+        if key in ("transformer.wte.weight", "lm_head.weight"):  # padded rows stay zero: they are never predicted
             target = target[: value.shape[0]]
             ours[key][value.shape[0] :].zero_()
         if target.shape != value.shape:
@@ -83,10 +83,10 @@ def export_hf(model: GPT, out_dir: str):
         raise ValueError("only the plain GPT-2 architecture has an HF GPT-2 layout; this model has switches on")
     sd = {}
     for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and c.tie_head:
             continue
         value = value.detach().float().cpu()
-        if key == "transformer.wte.weight":
+        if key in ("transformer.wte.weight", "lm_head.weight"):
             value = value[: c.vocab_size]
         sd[key] = (value.t() if key.endswith(_CONV1D) else value).contiguous()
     hf_config = {
@@ -94,7 +94,7 @@ def export_hf(model: GPT, out_dir: str):
         "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "attn_pdrop": 0.0, "tie_word_embeddings": c.tie_head, "bos_token_id": 50256, "eos_token_id": 50256,
     }
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:

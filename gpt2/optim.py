@@ -123,20 +123,31 @@ def split_by_role(adamw: torch.optim.Optimizer, model: GPT, cfg: TrainConfig):
     adamw.param_groups = groups  # before the first step: no state refers to the old groups yet
 
 
-def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
-    """AdamW alone, or Muon for the blocks' matrices (model.hidden_matrices; under manifold Muon, not the gates and
-    MoE routers: AdamW keeps those) plus AdamW for the rest, its groups split by role when a role has settings.
-    Each group remembers its peak lr (initial_lr) so the schedule can scale every optimizer by the same factor."""
+def muon_matrices(cfg: TrainConfig, model: GPT) -> list[torch.nn.Parameter]:
+    """What Muon holds: the blocks' matrices (model.hidden_matrices; under manifold Muon, not the gates and MoE
+    routers: AdamW keeps those); none under --optimizer adamw."""
     hidden = model.hidden_matrices() if cfg.optimizer == "muon" else []
     if cfg.muon_manifold == "stiefel":  # unit singular values would set a zero gate to a random one, fix a router's
         keep = {id(p) for m in model.modules() if getattr(m, "keeps_its_scale", False) for p in m.parameters()}
         hidden = [p for p in hidden if id(p) not in keep]
+    return hidden
+
+
+def build_adamw(cfg: TrainConfig, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    """AdamW for every parameter Muon does not hold, its groups split by role when a role has settings."""
     adamw = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
-                                       exclude=hidden)
+                                       exclude=muon_matrices(cfg, model))
     if cfg.adam_width_scale or any(own_settings(cfg, role) for role in ROLES):
         split_by_role(adamw, model, cfg)
-    optimizers = [adamw]
+    return adamw
+
+
+def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest (build_adamw). Each group remembers its
+    peak lr (initial_lr) so the schedule can scale every optimizer by the same factor."""
+    optimizers = [build_adamw(cfg, model, device_type)]
     if cfg.optimizer == "muon":
+        hidden = muon_matrices(cfg, model)
         options = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, fixed_norm=cfg.muon_fixed_norm, ns=cfg.muon_ns,
                        weight_decay=cfg.muon_weight_decay, cautious_wd=cfg.muon_cautious_wd, normuon=cfg.muon_normuon,
                        beta2=cfg.muon_beta2, row_splits=fused_row_splits(model) if cfg.muon_split else None)
@@ -144,9 +155,14 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device_type: str) -> list[tor
         optimizers.append(ManifoldMuon(hidden, manifold_iters=cfg.muon_manifold_iters, **options)
                           if cfg.muon_manifold == "stiefel" else Muon(hidden, **options))
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+        remember_peaks(opt)
     return optimizers
+
+
+def remember_peaks(opt: torch.optim.Optimizer):
+    """Each group's peak lr (initial_lr), the one set_schedule scales."""
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
 
 
 def set_schedule(cfg: TrainConfig, optimizers: list[torch.optim.Optimizer], step: int,

@@ -83,6 +83,34 @@ def torchrun(nproc, shards, log_dir, *args, name="run"):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _trainer_rank(rank: int, world_size: int, port: int, argv: list[str]):
+    """train_gpt2.main as rank `rank` of a run, in the environment torchrun would set (setup_distributed reads it)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import train_gpt2
+
+    train_gpt2.main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _gloo_rank: past the interpreter's teardown, where a gloo thread can abort the process
+
+
+def spawn_run(world_size, shards, log_dir, *args, name="run"):
+    """The same run as run(), as world_size CPU ranks spawned from this process (no torchrun agent to start)."""
+    import torch.multiprocessing as mp
+
+    argv = ["--preset", "tiny", "--data-dir", shards, "--log-dir", str(log_dir), "--run-name", name, "--device", "cpu",
+            *SMALL, *args]
+    for attempt in range(2):
+        try:
+            mp.spawn(_trainer_rank, args=(world_size, free_port(), argv), nprocs=world_size)
+            return
+        except mp.ProcessRaisedException as e:  # a port race with another process: once more, from scratch
+            if attempt or "address already in use" not in str(e).lower():
+                raise
+            shutil.rmtree(Path(log_dir) / name, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------- process groups
 
 
