@@ -2,13 +2,16 @@
 (batch-ramped, uneven steps), sigma_rel <-> gamma against the profile's numerical std, exact resume (also of a state
 saved in step time), swapping into the live params, and post-hoc reconstruction against a tracked EMA."""
 
+import dataclasses
 import io
 
 import pytest
 import torch
 
-from gpt2.ema import (PowerEMA, gamma_to_sigma_rel, posthoc_reconstruct, posthoc_weights, profile_inner_product,
-                      sigma_rel_to_gamma)
+from gpt2.ema import (PowerEMA, gamma_to_sigma_rel, main, posthoc_reconstruct, posthoc_weights, profile_inner_product,
+                      save_snapshot, sigma_rel_to_gamma)
+from gpt2.models import build_model
+from model import GPTConfig
 
 
 def token_time_average(thetas: torch.Tensor, step_tokens: list[int], gamma: float) -> torch.Tensor:
@@ -166,12 +169,12 @@ def test_swapped_in(dtype):
 
 def test_profile_inner_product_against_quadrature():
     """The closed form against the integral of the two profiles, (g + 1) tau^g / t^(g+1) on [0, t], on a fine grid."""
-    tau = torch.linspace(0, 3000, 3_000_001, dtype=torch.float64)[1:]
-    dtau = tau[1] - tau[0]
+    dtau = 0.01
+    tau = (torch.arange(300_000, dtype=torch.float64) + 0.5) * dtau  # midpoints: the profiles end on cell edges
     profile = lambda t, g: torch.where(tau <= t, (g + 1) * (tau / t).pow(g) / t, 0.0)
     for (ta, sa), (tb, sb) in [((1000, 0.05), (3000, 0.10)), ((3000, 0.05), (1000, 0.10)), ((2000, 0.2), (2000, 0.07))]:
         ga, gb = sigma_rel_to_gamma(sa), sigma_rel_to_gamma(sb)
-        numeric = (profile(ta, ga) * profile(tb, gb)).sum().item() * dtau.item()
+        numeric = (profile(ta, ga) * profile(tb, gb)).sum().item() * dtau
         assert profile_inner_product(ta, ga, tb, gb) == pytest.approx(numeric, rel=1e-4)
 
 
@@ -223,3 +226,41 @@ def test_posthoc_reconstruction_matches_tracked_ema():
     assert ((rebuilt - direct).norm() / direct.norm()).item() < 2e-3
     gap = (emas[0.05].ema[0] - emas[0.10].ema[0]).norm()
     assert ((rebuilt - direct).norm() / gap).item() < 0.03
+
+
+def test_cli_fits_at_a_snapshot_in_tokens_and_times_older_snapshots_in_steps(tmp_path, capsys):
+    """The CLI takes each snapshot's token count as its time; snapshots written before tokens were recorded are
+    all timed in steps instead (said once); a --step without a snapshot is refused in one line."""
+    config = GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16, vocab_size=64)
+    model = build_model(config)
+    names, params = zip(*model.named_parameters())
+    emas = [PowerEMA(params, 0.1), PowerEMA(params, 0.05)]
+    tokens = ramp(6)
+    for t in range(1, 7):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape))
+        for e in emas:
+            e.update(t, sum(tokens[:t]), tokens[t - 1])
+        if t % 2 == 0:
+            save_snapshot(str(tmp_path), emas, list(names), dataclasses.asdict(config))
+    key = names.index("transformer.h.0.mlp.c_fc.weight")
+
+    def reconstructed(times):  # by hand from the snapshot files, at step 6 and sigma_rel 0.07
+        files = [torch.load(tmp_path / "ema" / f"ema_{t:07d}.pt", weights_only=True) for t in (2, 4, 6)]
+        snaps = [(times[f["step"]], s, e[key]) for f in files for s, e in zip(f["sigma_rel"], f["ema"])]
+        c = posthoc_weights([(t, s) for t, s, _ in snaps], times[6], 0.07)
+        return sum(ci * e.double() for ci, (_, _, e) in zip(c, snaps))
+
+    out = torch.load(main([str(tmp_path), "--sigma-rel", "0.07"]), weights_only=True)["model"]
+    torch.testing.assert_close(out["transformer.h.0.mlp.c_fc.weight"].double(),
+                               reconstructed({t: sum(tokens[:t]) for t in (2, 4, 6)}), rtol=1e-5, atol=1e-6)
+    for path in (tmp_path / "ema").iterdir():  # as written before snapshots recorded tokens
+        torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "tokens"}, path)
+    out = torch.load(main([str(tmp_path), "--sigma-rel", "0.07"]), weights_only=True)["model"]
+    assert "timed in steps" in capsys.readouterr().out
+    torch.testing.assert_close(out["transformer.h.0.mlp.c_fc.weight"].double(), reconstructed({2: 2, 4: 4, 6: 6}),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--sigma-rel", "0.07", "--step", "5"])
+    assert "--step 5 has no snapshot" in capsys.readouterr().err
