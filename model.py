@@ -25,7 +25,8 @@ from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
                 "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere"),
-                "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat")}
+                "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat"),
+                "edm2_storage": ("elements", "rows")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
 
 
@@ -85,6 +86,9 @@ class GPTConfig:
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
     mp_blend: float = 0.3  # edm2: residual x <- mp_sum(x, block(x), mp_blend)
+    # edm2: elements (EDM2's MPConv): weights at unit RMS per output unit, / sqrt(fan_in) in the forward, q, k, v
+    # normalized per head; rows (this repo's first edm2): unit-norm rows, the attention output RMS-normalized instead
+    edm2_storage: str = "elements"
 
     def __post_init__(self):
         for name, choices in ARCH_CHOICES.items():
@@ -132,12 +136,12 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
-        # sizes may differ, and so may the settings of switches that are off (rope's, yarn's, the experts', mp_blend);
-        # doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is GPT-2 exactly;
-        # and tie_head: HF's GPT-2 holds an untied head as well (tie_word_embeddings false)
+        # sizes may differ, and so may the settings of switches that are off (rope's, yarn's, the experts', edm2's,
+        # mp_blend); doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is
+        # GPT-2 exactly; and tie_head: HF's GPT-2 holds an untied head as well (tie_word_embeddings false)
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
                 "rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_original_context", "moe_top_k",
-                "moe_bias_rate", "mp_blend", "doc_mask", "tie_head")
+                "moe_bias_rate", "mp_blend", "edm2_storage", "doc_mask", "tie_head")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 

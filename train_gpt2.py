@@ -399,12 +399,12 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.raw_model.after_step()  # edm2 / hypersphere: constrained weights back on their spheres
-        for ema in self.emas:
-            ema.update(self.step + 1)  # step + 1 optimizer steps done
+        tokens_after = self.tokens_before[self.step + 1]
+        for ema in self.emas:  # the EMA's time is tokens: a step of a batch ramp weighs what it trained on
+            ema.update(self.step + 1, tokens_after, tokens_after - self.tokens())
         if d.device.type == "cuda":
             torch.cuda.synchronize()
-        return StepStats(train_loss, grad_norm.item(), multiplier, time.time() - t0, stop,
-                         accum * cfg.total_batch_size // self.grad_accum)
+        return StepStats(train_loss, grad_norm.item(), multiplier, time.time() - t0, stop, tokens_after - self.tokens())
 
     def log_step(self, s: StepStats):
         cfg, d = self.cfg, self.d

@@ -154,7 +154,9 @@ SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, une
 EDM2 = dict(
     mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
     beta2=0.99,  # EDM2's Adam betas (0.9, 0.99)
-    max_lr=1e-3,  # EDM2's 1e-2 on unit-RMS weight entries, on our unit-norm rows of 128: 1e-2 / sqrt(128)
+    # EDM2-XS's ref_lr, the width of TINY's 128 (NVlabs/edm2 train_edm2.py @ 4bf8162, edm2-img512-xs: channels 128,
+    # lr 0.0120): on unit-RMS weight elements Adam's lr is a relative step, so it carries over as it is
+    max_lr=1.2e-2,
     decay_ref_steps=20, warmup_steps=2,  # EDM2's t_ref 70k and 10 Mimg ramp-up of its ~1M steps, of 300
 )
 HYPERSPHERE = dict(
@@ -342,6 +344,8 @@ def check_flags(parser: argparse.ArgumentParser, cfg: TrainConfig, defaults: Tra
             parser.error(f"--{name.replace('_', '-')} must be >= 0, or -1 (unset), got {getattr(cfg, name)!r}")
     check_manifold(parser, cfg, defaults)
     check_curriculum(parser, cfg, defaults)
+    if cfg.model.edm2_storage != defaults.model.edm2_storage and cfg.model.mode != "edm2":
+        parser.error(f"--edm2-storage {cfg.model.edm2_storage} needs --mode edm2 (it says how EDM2 stores its weights)")
     if cfg.ema_snapshot_every and not cfg.ema_sigma_rel:
         parser.error("--ema-snapshot-every needs --ema-sigma-rel")
     if problem := command_problem(cfg.checkpoint_sync):

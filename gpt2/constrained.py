@@ -1,7 +1,10 @@
 """The weight-constrained variants of model.py's GPT, picked by GPTConfig.mode (see README "Modern options"):
 
-- edm2: magnitude-preserving layers with unit-norm weight rows, unit-RMS activations and mp_sum residuals (EDM2,
-  Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models").
+- edm2: magnitude-preserving layers (EDM2, Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+  Diffusion Models"; NVlabs/edm2 training/networks_edm2.py @ 4bf8162): weights stored at unit RMS per output unit
+  and divided by sqrt(fan_in) in the forward (MPConv), q, k and v normalized per head, unit-RMS activations and
+  mp_sum residuals. edm2_storage "rows" keeps this repo's first version: unit-norm rows, and the attention output
+  RMS-normalized instead of q, k, v (its checkpoints load as they were trained).
 - hypersphere: embeddings, matrices and hidden states on the unit sphere along the embedding dimension, with
   learned per-dimension step sizes and scales (nGPT, Loshchilov et al. 2024, "nGPT: Normalized Transformer").
 
@@ -16,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, LOSS_CHUNK_ELEMENTS, MLP, SWIGLU_OSS_LIMIT, Block, CausalSelfAttention, GPTConfig, swiglu_oss
+from model import (GPT, LOSS_CHUNK_ELEMENTS, MLP, SWIGLU_OSS_LIMIT, Block, CausalSelfAttention, GPTConfig, apply_rope,
+                   swiglu_oss)
 
 # ---------------------------------------------------------------------- shared pieces
 
@@ -24,6 +28,11 @@ from model import GPT, LOSS_CHUNK_ELEMENTS, MLP, SWIGLU_OSS_LIMIT, Block, Causal
 def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x scaled to unit L2 norm along dim."""
     return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-6)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit RMS along the last dim (EDM2's normalize, its "pixel norm"): norm sqrt(n)."""
+    return unit(x) * math.sqrt(x.size(-1))
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -57,17 +66,35 @@ class ConstrainedLinear(nn.Linear):
         self.weight.copy_(unit(self.weight, self.norm_dim))
 
 
+class MPLinear(ConstrainedLinear):
+    """EDM2's MPConv as a linear map: each output unit's weights stored at unit RMS (forced weight normalization:
+    project() after every step), used normalized and divided by sqrt(fan_in), so unit-RMS inputs of unit-RMS rows
+    give unit-RMS outputs. Adam moves each element ~lr whatever the width: the same relative step in every layer,
+    which is what lets EDM2's learning rate transfer (unit-norm rows would step sqrt(fan_in) times further)."""
+
+    def forward(self, x):
+        return F.linear(x, normalize(self.weight) / math.sqrt(self.in_features))
+
+    @torch.no_grad()
+    def project(self):
+        self.weight.copy_(normalize(self.weight))
+
+
 def constrained_linear(module: nn.Module, config: GPTConfig, in_features: int, out_features: int) -> ConstrainedLinear:
-    """The `linear` factory of the constrained sublayers: no bias whatever config.bias says (the modes replace it)."""
-    return ConstrainedLinear(in_features, out_features)
+    """The `linear` factory of the constrained sublayers: no bias whatever config.bias says (the modes replace it).
+    Mode edm2 gets EDM2's MPConv (unit-norm rows with edm2_storage rows), hypersphere nGPT's unit-norm vectors."""
+    mpconv = config.mode == "edm2" and config.edm2_storage == "elements"
+    return (MPLinear if mpconv else ConstrainedLinear)(in_features, out_features)
 
 
 class ConstrainedGPT(GPT):
-    """What both modes share: unit-norm embedding rows and matrices, put back on their spheres after every step
+    """What both modes share: embedding rows and matrices of fixed norm, put back on their spheres after every step
     (so weight decay would do nothing useful to them)."""
 
+    table_norm = 1.0  # the stored norm of an embedding row: unit, or sqrt(n_embd) for EDM2's unit-RMS elements
+
     def tables(self) -> list[nn.Parameter]:
-        """Token (and position) embeddings and the head: unit rows along C."""
+        """Token (and position) embeddings and the head: rows along C, each of norm table_norm."""
         tables = [self.transformer.wte.weight, self.lm_head.weight]
         tables += [self.transformer.wpe.weight] if "wpe" in self.transformer else []
         return list({id(p): p for p in tables}.values())  # a tied head once
@@ -85,7 +112,7 @@ class ConstrainedGPT(GPT):
             if isinstance(m, ConstrainedLinear):
                 m.project()
         for table in self.tables():
-            table.copy_(unit(table))
+            table.copy_(unit(table) * self.table_norm)
 
     def after_step(self):
         self.project_weights()
@@ -105,9 +132,22 @@ class ConstrainedGPT(GPT):
 class EDM2Attention(CausalSelfAttention):
     linear = constrained_linear
 
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__(config, layer)
+        self.rows = config.edm2_storage == "rows"
+
+    def qkv(self, x, rope=None):
+        if self.rows:
+            return super().qkv(x, rope)
+        # EDM2 normalizes q, k and v per head (unit RMS over the head's channels); before RoPE, which keeps norms
+        # but carries YaRN's concentration
+        q, k, v = (normalize(t) for t in super().qkv(x))
+        return (q, k, v) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope), v)
+
     def forward(self, x, rope=None, cache=None, mask=None):
-        # a softmax average of unit-variance values has less than unit variance: back to unit RMS
-        return self.c_proj(F.rms_norm(self.heads(x, rope, cache, mask), (x.size(-1),), eps=1e-5))
+        y = self.heads(x, rope, cache, mask)
+        # rows: a softmax average of unit-variance values has less than unit variance, put back to unit RMS here
+        return self.c_proj(F.rms_norm(y, (x.size(-1),), eps=1e-5) if self.rows else y)
 
 
 class EDM2MLP(MLP):
@@ -149,6 +189,7 @@ class EDM2GPT(ConstrainedGPT):
 
     def __init__(self, config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS):
         super().__init__(config, loss_chunk_elements)
+        self.table_norm = 1.0 if config.edm2_storage == "rows" else math.sqrt(config.n_embd)  # unit-RMS elements
         # the logits are dot products with unit vectors: a learned gain sets their range
         self.logit_gain = nn.Parameter(torch.ones(()))
         self.project_weights()
@@ -225,8 +266,10 @@ class HypersphereBlock(Block):
         return self.step(x, self.mlp(self.ln_2(x)), self.alpha_mlp)
 
     def step(self, x, y, alpha: nn.Parameter):
-        """A step along the sphere from x toward the sublayer's (unit) output y."""
-        return unit(x + alpha * self.alpha_scale * (unit(y) - x))
+        """A step along the sphere from x toward the sublayer's (unit) output y. Its size is |alpha|, as nGPT takes
+        it (NVIDIA/ngpt model.py @ ed19eb2: for attn_alpha and mlp_alpha, not for sqk, suv or sz): a step never
+        turns away from y."""
+        return unit(x + alpha.abs() * self.alpha_scale * (unit(y) - x))
 
 
 class HypersphereGPT(ConstrainedGPT):

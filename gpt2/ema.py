@@ -1,31 +1,35 @@
 """Power-function EMA of model weights with post-hoc reconstruction (EDM2: Karras et al. 2024, "Analyzing and
-Improving the Training Dynamics of Diffusion Models", section 3).
+Improving the Training Dynamics of Diffusion Models", section 3; NVlabs/edm2 training/phema.py @ 4bf8162).
 
 A classic EMA (fixed beta) forgets the start of training at a fixed rate in steps, so its useful width depends on
-run length. The power-function EMA instead averages all weights so far with weights proportional to i^gamma
-(i = optimizer step): its width is a fixed fraction of the run, the relative standard deviation sigma_rel of that
-profile. Typical values are 0.05 to 0.10.
+run length. The power-function EMA instead averages all weights so far with the profile tau^gamma over training
+time tau: its width is a fixed fraction of the run, the relative standard deviation sigma_rel of that profile.
+Typical values are 0.05 to 0.10.
+
+Time is counted in tokens. A step that trains on n tokens and ends at N tokens in all updates with EDM2's
+beta = (1 - n / N)^(gamma + 1). The betas telescope: step i (tokens N_{i-1} to N_i) ends up with weight
+(N_i^(gamma+1) - N_{i-1}^(gamma+1)) / N_T^(gamma+1), the integral of the normalized profile (gamma + 1) tau^gamma /
+N_T^(gamma+1) over the tokens it trained on. So the EMA is that profile over token time applied to the weights, each
+held over its step's tokens. Scaling every N by a constant leaves each beta unchanged: tokens, or tokens / batch
+(steps, with a constant batch: EDM2's own EMA) give the same average; under a batch ramp, where early steps have
+fewer tokens, only tokens weigh each step by what it trained on.
 
 Post-hoc EMA: store snapshots of two power EMAs (say sigma_rel 0.05 and 0.10) every few thousand steps. Each
-snapshot's weight profile over steps is known exactly, so any other sigma_rel at any snapshot step can be fitted
-by least squares as a linear combination of the stored profiles; the same combination of the stored weights is the
+snapshot's profile over token time is known exactly, so any other sigma_rel at a snapshot's time is fitted by least
+squares (over continuous time, the inner products in closed form) as a combination of the stored profiles,
+rescaled to sum to 1 (so a constant weight is reproduced exactly); the same combination of the stored weights is the
 EMA one would have got (posthoc_weights, then posthoc_reconstruct). The width can thus be chosen after training.
 
 In train_gpt2.py, `--ema-sigma-rel 0.05` keeps one such EMA of every parameter (updated after each optimizer
 step), logs the val loss of the EMA weights beside the raw one at every val step (kind "val_ema", drawn dashed by
 plot_logs.py) and keeps the EMA in checkpoints, so resuming is exact. With `--ema-snapshot-every N` it also
-tracks a second EMA of half the width and writes both to logs/<run>/ema/ every N steps (measured over 2,000
-steps with 20 snapshot steps: two widths fit the profiles of sigma_rel 0.05-0.2 to 0.0-1.5%, one width alone
-only to 6-14%), and afterwards
+tracks a second EMA of half the width and writes both to logs/<run>/ema/ every N steps (20 snapshot times: two
+widths fit the profiles of sigma_rel 0.05-0.2 to 0.0-1.6% in L2, one width alone only to 6-14%), and afterwards
 
     python -m gpt2.ema logs/<run> --sigma-rel 0.07 [--step S]     # -> logs/<run>/ema_0.070_<S>.pt
 
-writes the reconstructed weights as a checkpoint that `hellaswag.py --checkpoint` reads.
-
-One deliberate difference from EDM2's code: it uses beta_t = (1 - 1/t)^(gamma+1), the continuous profile tau^gamma
-integrated over each step, so step i gets weight (i^(gamma+1) - (i-1)^(gamma+1)) rather than i^gamma; the two
-differ by O(gamma / t) and agree for long runs. Here beta_t = S_{t-1} / S_t with S_t = sum_{i<=t} i^gamma, so the
-EMA is exactly the i^gamma-weighted average and exactly the profile that posthoc_weights assumes.
+writes the reconstructed weights (at the last snapshot, or the snapshot of step S) as a checkpoint that
+`hellaswag.py --checkpoint` reads.
 """
 
 import contextlib
@@ -65,56 +69,46 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         lo, hi = (mid, hi) if gamma_to_sigma_rel(mid) > sigma_rel else (lo, mid)
 
 
-def _scaled_weight_sum(t: int, gamma: float) -> float:
-    """sum_{i=1..t} (i / t)^gamma = S_t / t^gamma: dividing by the largest term keeps it finite for any t and gamma."""
-    if t == 0:
-        return 0.0
-    i = torch.arange(1, t + 1, dtype=torch.float64)
-    return (i / t).pow(gamma).sum().item()
-
-
 class PowerEMA:
-    """fp32 power-function EMA of `params`: after update(t) it is sum_{i<=t} i^gamma theta_i / sum_{i<=t} i^gamma."""
+    """fp32 power-function EMA of `params` in token time (see the module's docstring)."""
 
     def __init__(self, params: list[torch.Tensor], sigma_rel: float):
         self.params = list(params)
         self.sigma_rel = float(sigma_rel)
         self.gamma = sigma_rel_to_gamma(self.sigma_rel)
-        self.step = 0  # last step folded in
-        self.scaled_sum = 0.0  # S_step / step^gamma, see update
+        self.step = 0  # last optimizer step folded in
+        self.tokens = 0  # tokens trained on up to the end of that step: the EMA's time
         # fp32 even for bf16 params: late updates move the average by ~1/t of a difference, below bf16 resolution
         self.ema = [p.detach().to(dtype=torch.float32, copy=True) for p in self.params]
 
     @torch.no_grad()
-    def update(self, step: int):
-        """Fold in the current params as theta_step. Call after every optimizer step with step = steps done so far.
+    def update(self, step: int, tokens: int, step_tokens: int):
+        """Fold in the current params as the weights after optimizer step `step`, which trained on step_tokens of
+        the `tokens` trained on so far. Call after every optimizer step.
 
-        The first call may come at any step (EMA switched on mid-run, or a gap): the current EMA value then stands in
-        for all steps before it, carrying their total weight S_{step-1}."""
-        if step <= self.step:
-            raise ValueError(f"step must increase: got {step} after {self.step}")
-        if step != self.step + 1:
-            self.scaled_sum = _scaled_weight_sum(step - 1, self.gamma)
-        # beta = S_{t-1} / S_t. Tracking r_t = S_t / t^gamma instead of S_t (which overflows, e.g. 1e4^100) gives
-        # r_t = r_{t-1} ((t-1)/t)^gamma + 1 and beta = 1 - 1/r_t; at t = 1, r = 1 and beta = 0 (a plain copy)
-        self.scaled_sum = self.scaled_sum * ((step - 1) / step) ** self.gamma + 1.0
-        self.step = step
-        weight = 1.0 / self.scaled_sum  # 1 - beta
+        The first call may come at any time (the EMA switched on mid-run, or a gap): the current EMA value then
+        stands in for all tokens before this step's, with their total weight, as EDM2's beta gives it."""
+        if step <= self.step or not 0 < step_tokens <= tokens - self.tokens:
+            raise ValueError(f"steps and tokens must increase: step {step} ({step_tokens} of {tokens} tokens) "
+                             f"after step {self.step} ({self.tokens} tokens)")
+        beta = (1 - step_tokens / tokens) ** (self.gamma + 1)  # 0 for the first step ever: a plain copy
+        self.step, self.tokens = step, tokens
         for e, p in zip(self.ema, self.params):
-            e.lerp_(p.detach().float(), weight)
+            e.lerp_(p.detach().float(), 1 - beta)
 
     def state_dict(self) -> dict:
-        # only tensors and Python numbers: readable by torch.load(weights_only=True). scaled_sum is kept rather than
-        # recomputed so that a resumed run continues bit-identically
-        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step, "scaled_sum": self.scaled_sum,
+        # only tensors and Python numbers: readable by torch.load(weights_only=True)
+        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step, "tokens": self.tokens,
                 "ema": [e.clone() for e in self.ema]}
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict):
         if len(sd["ema"]) != len(self.ema) or any(a.shape != b.shape for a, b in zip(sd["ema"], self.ema)):
             raise ValueError("EMA state does not match the parameters")
-        self.sigma_rel, self.gamma = float(sd["sigma_rel"]), float(sd["gamma"])
-        self.step, self.scaled_sum = int(sd["step"]), float(sd["scaled_sum"])
+        self.sigma_rel, self.gamma, self.step = float(sd["sigma_rel"]), float(sd["gamma"]), int(sd["step"])
+        # an EMA saved when time was counted in steps has no tokens: its average stands in for everything before
+        # the next update, as for a mid-run start (the step-time profile up to here, token time from here on)
+        self.tokens = int(sd.get("tokens", 0))
         for e, saved in zip(self.ema, sd["ema"]):
             e.copy_(saved)  # onto this EMA's device, whatever map_location the checkpoint was loaded with
 
@@ -135,22 +129,23 @@ class PowerEMA:
                     p.copy_(b)
 
 
-def _profile(t: int, gamma: float, length: int) -> torch.Tensor:
-    """Weight of each step 1..length in a power EMA at step t: i^gamma / S_t up to t, 0 after (float64)."""
-    i = torch.arange(1, length + 1, dtype=torch.float64)
-    w = torch.where(i <= t, (i / t).pow(gamma), 0.0)  # scaled by t^gamma against overflow; normalizing undoes it
-    return w / w.sum()
+def profile_inner_product(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
+    """The integral over time of p_a p_b, where p is the normalized power profile (gamma + 1) tau^gamma /
+    t^(gamma+1) on [0, t]: (g1 + 1)(g2 + 1) / ((g1 + g2 + 1) t2) (t1 / t2)^g2, with t1 <= t2 (EDM2's eq. 151)."""
+    (t1, g1), (t2, g2) = sorted([(t_a, gamma_a), (t_b, gamma_b)])
+    return (g1 + 1) * (g2 + 1) / ((g1 + g2 + 1) * t2) * (t1 / t2) ** g2
 
 
-def posthoc_weights(snapshots: list[tuple[int, float]], target_t: int, target_sigma_rel: float) -> list[float]:
-    """Least-squares c with sum_k c_k profile(snapshot k) ~ profile(target), over steps 1..max t.
-
-    snapshots: (t, sigma_rel) of each stored EMA. The fit is best when target_t is one of the snapshot steps: later
-    steps are not covered by any snapshot, earlier ones need snapshots that end before them."""
-    length = max([target_t] + [t for t, _ in snapshots])
-    a = torch.stack([_profile(t, sigma_rel_to_gamma(s), length) for t, s in snapshots], dim=1)  # (steps, K)
-    b = _profile(target_t, sigma_rel_to_gamma(target_sigma_rel), length)
-    return torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1).tolist()
+def posthoc_weights(snapshots: list[tuple[float, float]], target_t: float, target_sigma_rel: float) -> list[float]:
+    """Coefficients c, summing to 1, with sum_k c_k profile(snapshot k) ~ profile(target): the least-squares fit
+    over continuous time, rescaled to sum 1 (EDM2's Algorithm 3). snapshots: (time, sigma_rel) of each stored EMA,
+    time in the unit the EMAs were updated in (tokens). Later times than any snapshot's are not covered."""
+    points = [(t, sigma_rel_to_gamma(s)) for t, s in snapshots]
+    target = (target_t, sigma_rel_to_gamma(target_sigma_rel))
+    gram = torch.tensor([[profile_inner_product(*a, *b) for b in points] for a in points], dtype=torch.float64)
+    rhs = torch.tensor([[profile_inner_product(*a, *target)] for a in points], dtype=torch.float64)
+    c = torch.linalg.lstsq(gram, rhs).solution.squeeze(1)  # lstsq: duplicate snapshots are no error
+    return (c / c.sum()).tolist()
 
 
 @torch.no_grad()
@@ -184,8 +179,8 @@ def save_snapshot(run_dir: str, emas: list[PowerEMA], names: list[str], model_co
     """The EMAs at their current step, with the parameter names and model config needed to rebuild a model."""
     os.makedirs(os.path.join(run_dir, "ema"), exist_ok=True)
     path = snapshot_path(run_dir, emas[0].step)
-    snapshot = {"step": emas[0].step, "sigma_rel": [e.sigma_rel for e in emas], "ema": [e.ema for e in emas],
-                "names": names, "model_config": model_config}
+    snapshot = {"step": emas[0].step, "tokens": emas[0].tokens, "sigma_rel": [e.sigma_rel for e in emas],
+                "ema": [e.ema for e in emas], "names": names, "model_config": model_config}
     with atomic_write(path) as f:  # a crash leaves no half-written snapshot
         torch.save(snapshot, f)
     return path
@@ -202,7 +197,7 @@ def main(argv=None) -> str:
     parser = OneLineParser(description="A power-function EMA of any width from a run's snapshots.")
     parser.add_argument("run_dir", help="a train_gpt2.py run folder with ema/ema_*.pt (--ema-snapshot-every)")
     parser.add_argument("--sigma-rel", type=float, required=True, help="the width to reconstruct, e.g. 0.07")
-    parser.add_argument("--step", type=int, help="the step to reconstruct at (default: the last snapshot's)")
+    parser.add_argument("--step", type=int, help="the snapshot step to reconstruct at (default: the last)")
     parser.add_argument("--out", help="default: RUN_DIR/ema_<sigma_rel>_<step>.pt")
     args = parser.parse_args(argv)
     paths = snapshot_paths(args.run_dir)
@@ -214,11 +209,16 @@ def main(argv=None) -> str:
     except ValueError as e:
         parser.error(f"{e}: delete it, or pass --step of an earlier snapshot")
     step = args.step or files[-1]["step"]
-    # one (step, sigma_rel, tensors) per stored EMA
-    snaps = [(f["step"], s, e) for f in files if f["step"] <= step for s, e in zip(f["sigma_rel"], f["ema"])]
-    if not snaps:
-        parser.error(f"no snapshot at or before step {step}")
-    coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], step, args.sigma_rel)
+    times = {f["step"]: f.get("tokens") for f in files}  # each snapshot's time: tokens trained on
+    if step not in times:
+        parser.error(f"--step {step} has no snapshot, so no token count to fit at: pick one of "
+                     f"{', '.join(map(str, times))}")
+    if None in times.values():
+        print("snapshots written before ema.py counted tokens: all timed in steps (exact for a constant batch)")
+        times = {s: s for s in times}
+    # one (time, sigma_rel, tensors) per stored EMA
+    snaps = [(times[f["step"]], s, e) for f in files if f["step"] <= step for s, e in zip(f["sigma_rel"], f["ema"])]
+    coefficients = posthoc_weights([(t, s) for t, s, _ in snaps], times[step], args.sigma_rel)
     tensors = posthoc_reconstruct([e for _, _, e in snaps], coefficients)
 
     from gpt2.runs import model_from_config  # only the CLI needs the model

@@ -209,7 +209,7 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
     # a setting missing from an older checkpoint did not exist then: the run had it at its default (off); an older
     # value of a setting reads as today's (current_value)
     defaults = TrainConfig()
-    saved_model = saved.get("model", saved)  # older checkpoints kept n_layer etc. at the top level
+    saved_model = saved_model_config(saved.get("model", saved))  # older checkpoints kept n_layer etc. at the top level
     pairs = [(k, current_value(k, saved.get(k, getattr(defaults, k))), getattr(cfg, k)) for k in RESUME_MUST_MATCH]
     pairs += [(f.name, saved_model.get(f.name, getattr(defaults.model, f.name)), getattr(cfg.model, f.name))
               for f in MODEL_FIELDS]
@@ -224,9 +224,16 @@ def check_resume_config(cfg: TrainConfig, saved: dict, path: str):
 # ---------------------------------------------------------------------- a checkpoint back into a model
 
 
+def saved_model_config(model_config: dict) -> dict:
+    """A saved model config as this code reads it: an edm2 run saved before edm2_storage existed stored rows."""
+    if model_config.get("mode") == "edm2" and "edm2_storage" not in model_config:
+        return {**model_config, "edm2_storage": "rows"}
+    return model_config
+
+
 def model_from_config(model_config: dict) -> GPT:
     """A freshly initialized model of the class and shape a saved 'model_config' names (any preset, switch or mode)."""
-    return build_model(GPTConfig(**model_config))
+    return build_model(GPTConfig(**saved_model_config(model_config)))
 
 
 def load_model(path: str) -> GPT:

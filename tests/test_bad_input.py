@@ -54,6 +54,7 @@ def train_args(shards, log_dir, *extra) -> list[str]:
     (["--n-embd", "30", "--n-head", "4"], "n_embd 30 is not divisible by n_head 4"),
     (["--steps", "5"], "unrecognized arguments: --steps 5"),
     (["--align-docs", "2"], "argument --align-docs: invalid choice: '2' (choose from '0', 'crop', 'pack')"),
+    (["--edm2-storage", "rows"], "--edm2-storage rows needs --mode edm2"),
 ])
 def test_bad_flag_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
