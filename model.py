@@ -3,7 +3,8 @@ FLOP counts. No training code lives here; the attention kernels (SDPA, FlexAtten
 are in gpt2/attention.py, the chunked training loss in gpt2/loss.py.
 
 The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
-turned on alone and compared against the baseline (see README "Modern options"). Module and parameter names
+turned on alone and compared against the baseline (see README "Modern options"); gpt2/speedrun.py's docstring
+cites the speedrun records behind attn_gate and mtp, which live here. Module and parameter names
 follow the OpenAI/HF checkpoint layout, so loading and exporting weights is a rename-free copy (gpt2/hf_io.py).
 The constrained modes (gpt2/constrained.py), the experts (gpt2/moe.py) and the speedrun parts (gpt2/speedrun.py)
 subclass these classes and override their seams: the `linear` and `make_norm` factories, CausalSelfAttention's
