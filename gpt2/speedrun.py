@@ -38,6 +38,7 @@ carries the last token in KVCache.last).
 SpeedrunGPT registers its tables and weights through GPT.add_residual_parts, so the module and parameter names,
 their order (the checkpoint format) and the random init are those the switches always had.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
