@@ -283,8 +283,10 @@ def test_optimizer_roles_and_flops():
 
 REFUSED = [
     (dict(bigram_rows=1), "bigram_rows must be 0 .off. or >= 2"),
+    (dict(bigram_rows=-3), "bigram_rows must be 0 .off. or >= 2"),
     (dict(backout=True, n_layer=3), "backout needs n_layer >= 4"),
     (dict(mtp=16), r"mtp must be in \[0, block_size\) = \[0, 16\)"),
+    (dict(mtp=-1), r"mtp must be in \[0, block_size\)"),
     *[(dict(mode=mode, **{k: v}), "need mode gpt2") for mode in ("edm2", "hypersphere")
       for k, v in MINE.items() if k != "mtp"],
 ]
