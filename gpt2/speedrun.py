@@ -104,6 +104,7 @@ class SpeedrunGPT(GPT):
     Block = SpeedrunBlock
 
     def add_residual_parts(self, config: GPTConfig):
+        self.add_bigram_smear_backout(config)
         if config.value_embeds:  # one table per layer that has a gate, of the values' width
             width = config.kv_heads * (config.n_embd // config.n_head)
             self.transformer.ve = nn.ModuleDict({str(i): nn.Embedding(config.padded_vocab_size, width)
@@ -113,9 +114,8 @@ class SpeedrunGPT(GPT):
         if config.x0_mix:
             self.x_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-        self.add_pair_parts(config)
 
-    def add_pair_parts(self, config: GPTConfig):
+    def add_bigram_smear_backout(self, config: GPTConfig):
         """The bigram table, the smear gate and the backout share (the 2025-26 records, see the module docstring)."""
         if config.bigram_rows:
             self.transformer.bigram = nn.Embedding(config.bigram_rows, config.n_embd // BIGRAM_WIDTH_DIVISOR)
