@@ -3,7 +3,8 @@ FLOP counts. No training code lives here; the attention kernels (SDPA, FlexAtten
 are in gpt2/attention.py, the chunked training loss in gpt2/loss.py.
 
 The defaults are GPT-2 to the bit. Every other option is a GPTConfig field, off by default, so each can be
-turned on alone and compared against the baseline (see README "Modern options"). Module and parameter names
+turned on alone and compared against the baseline (see README "Modern options"); gpt2/speedrun.py's docstring
+cites the speedrun records behind attn_gate and mtp, which live here. Module and parameter names
 follow the OpenAI/HF checkpoint layout, so loading and exporting weights is a rename-free copy (gpt2/hf_io.py).
 The constrained modes (gpt2/constrained.py), the experts (gpt2/moe.py) and the speedrun parts (gpt2/speedrun.py)
 subclass these classes and override their seams: the `linear` and `make_norm` factories, CausalSelfAttention's
@@ -28,6 +29,7 @@ ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "r
                 "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat"),
                 "edm2_storage": ("elements", "rows")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
+ATTN_GATE_CHANNELS = 12  # modded-nanogpt's attention-gate input width
 
 
 @dataclass
@@ -65,6 +67,7 @@ class GPTConfig:
     # nanochat/gpt.py @ 92d63d4); 1 = unit-RMS queries and keys
     qk_norm_scale: float = 1.0
     sinks: bool = False  # a learned per-head logit in every softmax denominator: a head may attend to nothing (gpt-oss)
+    attn_gate: bool = False  # each head's output times a sigmoid gate on the input's first 12 channels (0.5 at init)
     window: int = 0  # > 0: even layers attend to the last `window` positions only, odd layers to all (gpt-oss: 128)
     tie_head: bool = True  # the LM head is the token embedding (GPT-2) or its own matrix
     zero_init: bool = False  # output projections start at zero, so every block starts as the identity
@@ -82,6 +85,14 @@ class GPTConfig:
     # x0_mix's init: identity = a 1, b 0 | nanochat = a from 1.15 (first layer) to 1.05 (last), b from 0.20 to 0.05,
     # linearly (its resid_lambdas and x0_lambdas, nanochat/gpt.py @ 92d63d4)
     x0_mix_init: str = "identity"
+    # > 0: a zero-init table of this many rows, looked up by a hash of (previous token, token) and signed by a fixed
+    # random sign row, added to the first n_embd / 4 channels of every block's input (modded-nanogpt: 754,560)
+    bigram_rows: int = 0
+    smear: bool = False  # each position adds a gated share (0 at init) of the previous position's embedding
+    backout: bool = False  # before the final norm, subtract a learned share (0.5 at init) of block 2L/3's output
+    # multi-token prediction: training also scores the same head's logits at t against the tokens 2..mtp+1 ahead,
+    # with weights 0.5^k that fade to 0 over the first mtp / (mtp + 1) of the steps (train_gpt2 sets them per step)
+    mtp: int = 0
     # a weight-constrained variant instead of GPT-2 (built by gpt2.models.build_model; they replace `norm` and
     # `bias`: no learned norms, no biases, see README): gpt2 | edm2 | hypersphere
     mode: str = "gpt2"
@@ -109,9 +120,20 @@ class GPTConfig:
             if getattr(self, name) != default and not getattr(self, needs):
                 raise ValueError(f"{name} {getattr(self, name)!r} acts on {needs} only: turn it on (--"
                                  f"{needs.replace('_', '-')} 1) or leave {name} at {default!r}")
-        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm):
-            raise ValueError(f"value_embeds, unet, x0_mix and embed_norm need mode gpt2: {self.mode} sets the unit "
-                             "magnitudes itself (of its embedding too), and the learned mixes would undo them")
+        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm or self.bigram_rows
+                                    or self.smear or self.backout or self.attn_gate):
+            raise ValueError(f"value_embeds, unet, x0_mix, embed_norm, bigram_rows, smear, backout and attn_gate need "
+                             f"mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and the "
+                             "learned mixes and gates would undo them")
+        if self.bigram_rows < 0 or self.bigram_rows == 1:
+            raise ValueError(f"bigram_rows must be 0 (off) or >= 2 (one row is kept for a token without predecessor), "
+                             f"got {self.bigram_rows}")
+        if self.backout and self.n_layer < 4:
+            raise ValueError(f"backout needs n_layer >= 4, got {self.n_layer}: the output it subtracts, block "
+                             f"2*n_layer//3's, must come before the last block's")
+        if not 0 <= self.mtp < self.block_size:
+            raise ValueError(f"mtp must be in [0, block_size) = [0, {self.block_size}): a row of block_size tokens "
+                             f"has targets at most block_size - 1 ahead, got {self.mtp}")
         if self.rope_scaling == "yarn" and not (self.pos == "rope" and self.rope_factor >= 1
                                                 and self.rope_beta_fast > self.rope_beta_slow > 0
                                                 and self.rope_original_context > 0):
@@ -138,10 +160,11 @@ class GPTConfig:
         """True when every architecture switch is at its GPT-2 default (what HF's GPT-2 layout can hold)."""
         # sizes may differ, and so may the settings of switches that are off (rope's, yarn's, the experts', edm2's,
         # mp_blend); doc_mask too: it changes no weight, and on a single document (how HF evaluates) the model is
-        # GPT-2 exactly; and tie_head: HF's GPT-2 holds an untied head as well (tie_word_embeddings false)
+        # GPT-2 exactly; tie_head: HF's GPT-2 holds an untied head as well (tie_word_embeddings false); and mtp
+        # changes the training loss only
         free = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta",
                 "rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_original_context", "moe_top_k",
-                "moe_bias_rate", "mp_blend", "edm2_storage", "doc_mask", "tie_head")
+                "moe_bias_rate", "mp_blend", "edm2_storage", "doc_mask", "tie_head", "mtp")
         same = all(getattr(self, f.name) == f.default for f in fields(self) if f.name not in free)
         return same and self.kv_heads == self.n_head
 
@@ -167,6 +190,14 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+def zero_gate(in_features: int, out_features: int) -> nn.Linear:
+    """A gate's linear map (no bias): zero at init, so the gate starts at its sigmoid(0) value; AdamW's "gate" role
+    trains it, and manifold Muon leaves it off the Stiefel manifold (unit singular values would move it off 0)."""
+    gate = nn.Linear(in_features, out_features, bias=False)
+    gate.starts_at_zero, gate.keeps_its_scale, gate.optim_role = True, True, "gate"
+    return gate
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -178,13 +209,23 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm, self.qk_norm_scale = config.qk_norm, config.qk_norm_scale
         self.window = config.window if layer % 2 == 0 else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.sinks else None
+        self.attn_gate = zero_gate(min(ATTN_GATE_CHANNELS, config.n_embd), self.n_head) if config.attn_gate else None
 
     def linear(self, config: GPTConfig, in_features: int, out_features: int) -> nn.Linear:
         """The factory of this layer's linear maps (a seam: the constrained models normalize their weights)."""
         return nn.Linear(in_features, out_features, bias=config.bias)
 
     def forward(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
-        return self.c_proj(self.heads(x, rope, cache, mask))
+        return self.c_proj(self.gate_heads(x, self.heads(x, rope, cache, mask)))
+
+    def gate_heads(self, x, y):
+        """attn_gate: each head's output in y (B, T, C) times sigmoid of a linear map of the layer input x's first
+        channels, one gate per head and position (a head can switch itself off, as a sink lets it). Else y."""
+        if self.attn_gate is None:
+            return y
+        B, T, _ = y.shape
+        gate = torch.sigmoid(self.attn_gate(x[..., : self.attn_gate.in_features]))  # (B, T, n_head)
+        return (y.view(B, T, self.n_head, self.head_dim) * gate.unsqueeze(-1)).view(B, T, -1)
 
     def heads(self, x, rope=None, cache: "KVCache | None" = None, mask: AttentionMask | None = None):
         """Every head's output, side by side (B, T, C): the input of the output projection."""
@@ -302,14 +343,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.mtp:  # the later tokens' loss weights, set per step by the loop (a buffer: compiled graphs read it)
+            self.register_buffer("mtp_weights", torch.tensor([0.5**k for k in range(1, config.mtp + 1)]), False)
         self.apply(self._init_weights)
 
     def add_residual_parts(self, config: GPTConfig):
         """A subclass registers the modules its `blocks` adds to the residual stream here, before the head and the
         init: the parameter order (the checkpoints') and the random init then follow the module tree."""
-        if config.value_embeds or config.unet or config.x0_mix:
-            raise ValueError("value_embeds, unet and x0_mix need the speedrun model (gpt2.speedrun.SpeedrunGPT): "
-                             "build it with gpt2.models.build_model")
+        if config.value_embeds or config.unet or config.x0_mix or config.bigram_rows or config.smear or config.backout:
+            raise ValueError("value_embeds, unet, x0_mix, bigram_rows, smear and backout need the speedrun model "
+                             "(gpt2.speedrun.SpeedrunGPT): build it with gpt2.models.build_model")
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
@@ -358,6 +401,10 @@ class GPT(nn.Module):
             if block.attn.layer % 2 == 0:
                 block.attn.window = window
 
+    def set_mtp_weights(self, weights: list[float]):
+        """The weights of the later tokens' losses from now on: train_gpt2's schedule (gpt2.optim.mtp_weights_at)."""
+        self.mtp_weights.copy_(torch.tensor(weights))
+
     def embed(self, idx, start: int):
         """The residual stream's start for tokens idx (B, T) at positions start..: token plus position embeddings
         (with embed_norm, RMS-normalized: unit RMS whatever the tables' scale)."""
@@ -383,8 +430,17 @@ class GPT(nn.Module):
         """Returns (logits, loss). With return_logits=False (training) only the mean loss is computed and,
         if loss_chunk_elements > 0, chunk by chunk, so the full (B*T, vocab) logits and their gradient are
         never held in memory (the fastest way on CPU; on CUDA a compiled full-logits loss is faster, and Liger's
-        fused loss replaces it where installed: gpt2/loss.py's fused_wanted)."""
+        fused loss replaces it where installed: gpt2/loss.py's fused_wanted). With mtp, in training, the later
+        tokens' losses (mtp_loss) join the gradient but not the value: the loss is the next-token loss still."""
         h = self.hidden(idx)
+        logits, loss = self.head_loss(h, targets, return_logits)
+        if self.config.mtp and self.training and targets is not None:
+            extra = self.mtp_loss(h, targets)
+            loss = loss + (extra - extra.detach())  # adds 0 to the value (what is logged), extra to the gradient
+        return logits, loss
+
+    def head_loss(self, h, targets=None, return_logits: bool = True):
+        """(logits, loss) of the final hidden states h (B, T, C) and targets (B, T), by the path forward describes."""
         if not return_logits and not self.loss_chunk_elements and targets is not None and fused_wanted(h.device.type):
             c = self.config
             return None, fused_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), c.vocab_size, c.softcap)
@@ -399,6 +455,14 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return (logits if return_logits else None), loss
+
+    def mtp_loss(self, h, targets):
+        """Multi-token prediction (modded-nanogpt): the same head's loss of position t against the token k + 1 ahead,
+        targets[t + k], each a mean over the positions that have one, times mtp_weights[k - 1], summed over k."""
+        T = targets.size(1)
+        losses = [self.head_loss(h[:, : T - k], targets[:, k:], return_logits=False)[1]
+                  for k in range(1, min(self.config.mtp, T - 1) + 1)]
+        return sum((w * loss for w, loss in zip(self.mtp_weights, losses)), torch.zeros((), device=h.device))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
@@ -468,6 +532,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.docs = torch.zeros(batch_size, max_len, device=device, dtype=torch.long) if config.doc_mask else None
         self.pos = 0  # number of positions already stored (advanced by GPT.hidden after all layers ran)
+        self.last = None  # the last token fed (B, 1): the speedrun's smear and bigram read it at the next step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, t, D) and return all keys/values so far."""

@@ -28,7 +28,7 @@ from gpt2.dataloader import DataError, ShardLoader, bits_per_byte, gpt2_tokenize
 from gpt2.ema import PowerEMA, remove_snapshots_after, save_snapshot
 from gpt2.loss import fused_wanted
 from gpt2.models import build_model
-from gpt2.optim import build_optimizers, micro_steps, set_schedule, window_at
+from gpt2.optim import build_optimizers, micro_steps, mtp_weights_at, set_schedule, window_at
 from gpt2.runlog import Pace, RunLog
 from gpt2.runs import (
     check_resume_config,
@@ -304,9 +304,11 @@ class Trainer:
 
     def follow_schedules(self):
         """The window schedule's window for this step, before its evaluations and its training (so a resumed run
-        evaluates with the window the uninterrupted run had)."""
+        evaluates with the window the uninterrupted run had); and multi-token prediction's loss weights."""
         if self.cfg.window_start:
             self.raw_model.set_window(window_at(self.cfg, self.step))
+        if self.cfg.model.mtp:  # --mtp: this step's weights of the later tokens' losses (the logged loss is next-token)
+            self.raw_model.set_mtp_weights(mtp_weights_at(self.cfg, self.step))
 
     def follow_curriculum(self):
         """The step's row length and model config (gpt2/curriculum.py), and at --untie-at's step the head untied,

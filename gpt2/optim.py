@@ -178,3 +178,15 @@ def set_schedule(cfg: TrainConfig, optimizers: list[torch.optim.Optimizer], step
                 frac = min(1.0, step / cfg.muon_momentum_warmup)
                 group["momentum"] = 0.85 + frac * (cfg.muon_momentum - 0.85)
     return multiplier
+
+
+def mtp_weights_at(cfg: TrainConfig, step: int) -> list[float]:
+    """Multi-token prediction's weights at step of the losses of the tokens 2..mtp+1 ahead: 0.5^k for the token k + 1
+    ahead, the steps cut into mtp + 1 equal phases, and in phase p the weight of the token mtp + 1 - p ahead falls
+    linearly to 0, those beyond it being 0 already (modded-nanogpt's schedule, for mtp 2: [0.5, 0.25 -> 0], then
+    [0.5 -> 0, 0], then [0, 0] over thirds of the steps)."""
+    n = cfg.model.mtp
+    progress = min(1.0, step / cfg.max_steps) * (n + 1)
+    phase, within = int(progress), progress - int(progress)
+    fading = n - phase  # the offset whose weight falls in this phase
+    return [0.5**k if k < fading else 0.5**k * (1 - within) if k == fading else 0.0 for k in range(1, n + 1)]

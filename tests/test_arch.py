@@ -23,7 +23,8 @@ YARN = dict(pos="rope", rope_scaling="yarn", rope_original_context=1024)
 SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"), dict(mlp="swiglu"),
             dict(mlp="swiglu-oss"), dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True),
             dict(window=8), dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True),
-            dict(value_embeds=True), dict(unet=True), dict(x0_mix=True), ALL_ON]
+            dict(value_embeds=True), dict(unet=True), dict(x0_mix=True), dict(attn_gate=True), dict(bigram_rows=97),
+            dict(smear=True), dict(mtp=2), ALL_ON]  # backout needs 4 layers: tests/test_speedrun2026.py
 
 
 def naive_attention(q, k, v, start, window, sinks, docs=None):
