@@ -161,6 +161,22 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "nanochat": [*flags(SPEEDRUN), *NANOCHAT_ROLES, "--embed-norm", "1", *NANOCHAT_QK, "--ve-gate", "nanochat",
                      *NANOCHAT_X0],
     },
+    # the 2025-26 records' switches, each alone on top of the speedrun preset, then all of them (the bigram table at
+    # one row per vocabulary entry: the record's 15x is 3x this tiny model's parameters; the presets untie the head,
+    # so untie-at starts tied)
+    "speedrun2026": {
+        "baseline": [],
+        "speedrun": flags(SPEEDRUN),
+        "bigram": [*flags(SPEEDRUN), "--bigram-rows", "50304"],
+        "smear": [*flags(SPEEDRUN), "--smear", "1"],
+        "backout": [*flags(SPEEDRUN), "--backout", "1"],
+        "attn-gate": [*flags(SPEEDRUN), "--attn-gate", "1"],
+        "mtp": [*flags(SPEEDRUN), "--mtp", "2"],
+        "untie-at": [*flags(SPEEDRUN), "--tie-head", "1", "--untie-at", "0.667"],
+        "seq-len": [*flags(SPEEDRUN), "--seq-len-start", "32"],
+        "all": [*flags(SPEEDRUN), "--bigram-rows", "50304", "--smear", "1", "--backout", "1", "--attn-gate", "1",
+                "--mtp", "2", "--tie-head", "1", "--untie-at", "0.667", "--seq-len-start", "32"],
+    },
     # the roadmap's verdicts at tuned lrs: each config swept over the lr that matters for it (--sweep, see the
     # docstring), on both corpora, then a second seed at each config's best
     "tuned": {
