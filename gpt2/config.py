@@ -59,7 +59,7 @@ class TrainConfig:
     seq_len_start: int = 0  # > 0: rows start this long and double up to --seq-len; a micro-batch keeps its tokens
     seq_len_ramp_frac: float = 0.333  # ... in equal stages over this fraction of max_steps (modded-nanogpt's 896: 1/3)
     # YaRN (--rope-scaling yarn) counted over the first rows (seq-len) or windows (window) of their schedule, extended
-    # by the step's over them: each growth rescales RoPE (modded-nanogpt); sets --rope-original-context, --rope-factor
+    # by the step's over them: each growth rescales RoPE (modded-nanogpt); it sets rope_original_context and rope_factor
     yarn_follows: str = choice("none", "seq-len", "window")
     untie_at: float = 0.0  # > 0: at this share of max_steps the tied head becomes a matrix of its own (a table copy)
     weight_decay: float = 0.1  # AdamW's decoupled weight decay (matrices and embeddings only)

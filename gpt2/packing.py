@@ -25,8 +25,7 @@ somewhere, no shorter one is cut.
 A piece is a slice of the shard whose first token is read as <|endoftext|>: a cropped rest's slice starts at the
 last token of its head, a target in the head's row. Rows are segment lists, built once per shard when it opens, so
 any window of rows is read directly: exact resume and DDP ranks as for unaligned windows. The best fit is a Python
-loop over the pieces: per 100M tokens of ~1,000-token documents about 0.2 s of CPU at T=1024 and 0.5 s at T=128;
-of ~50-token documents (tiny-shakespeare's paragraphs) 1 s and 2 s.
+loop over the pieces, run once per shard (its cost: BENCHMARKS.md, "Packing").
 """
 
 from bisect import bisect_right, insort
