@@ -43,8 +43,10 @@ def ckpt_steps(run_dir: Path) -> list[int]:
 def start_trainer(shards, log_dir, *extra) -> subprocess.Popen:
     """A trainer in its own process, returned once it has taken a step (so it holds the lock and its handlers)."""
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *args(shards, log_dir, *extra)]
+    # a suite run under nohup would pass on its ignored SIGHUP, which the trainer keeps ignored (by design)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     metrics = Path(log_dir) / "r" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and '"train"' in metrics.read_text()):
