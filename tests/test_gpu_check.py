@@ -22,12 +22,12 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in rows[1:]]  # without the header
 
 
-def test_dry_run_prints_every_row(tmp_path):
-    cmd = [sys.executable, "-m", "tools.gpu_check", "--dry-run", "--device", "cpu", "--log-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith(f"## gpu_check: cpu (dry run), torch {torch.__version__}")
-    rows = table_rows(proc.stdout)
+def test_dry_run_prints_every_row(tmp_path, capsys):
+    code = gpu_check.main(["--dry-run", "--device", "cpu", "--log-dir", str(tmp_path)])  # here: one torch import less
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert out.startswith(f"## gpu_check: cpu (dry run), torch {torch.__version__}")
+    rows = table_rows(out)
     assert [(check, setting.split(",")[0]) for check, setting, _, _ in rows] == [
         ("cuda tests", "`pytest -m cuda -q`"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("train step", "gpt2-124m (tiny) B=4 T=32"),
@@ -46,7 +46,7 @@ def test_dry_run_prints_every_row(tmp_path):
     assert "MB in" in rows[10][2]
     assert all(float(seconds) >= 0 for *_, seconds in rows)
     assert list(tmp_path.iterdir()) == []  # the timed checkpoints are gone
-    assert "[gpu_check] checkpoint save" in proc.stderr  # progress, with each section's time, on stderr
+    assert "[gpu_check] checkpoint save" in err  # progress, with each section's time, on stderr
 
 
 def test_failed_section_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch, capsys):
@@ -137,15 +137,15 @@ def doc_shards(tmp_path_factory) -> str:
     return str(out)
 
 
-def test_quality_dry_run_trains_the_presets_and_prints_both_tables(doc_shards, tmp_path):
+def test_quality_dry_run_trains_the_presets_and_prints_both_tables(doc_shards, tmp_path, capsys):
     out, logs = tmp_path / "out", tmp_path / "logs"
-    cmd = [sys.executable, "-m", "tools.gpu_quality", "--dry-run", "--device", "cpu", "--data-dir", doc_shards,
-           "--out", str(out), "--log-dir", str(logs)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith(f"## gpu_quality: cpu (dry run: tiny runs), torch {torch.__version__}")
-    assert "- estimate: 339 s (5.6 min) on one H100" in proc.stdout  # the full plan's budget, also in a dry run
-    tables = [block for block in proc.stdout.split("\n\n") if block.startswith("| ")]
+    code = gpu_quality.main(["--dry-run", "--device", "cpu", "--data-dir", doc_shards, "--out", str(out),
+                             "--log-dir", str(logs)])  # the three runs are train_gpt2.py processes all the same
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert stdout.startswith(f"## gpu_quality: cpu (dry run: tiny runs), torch {torch.__version__}")
+    assert "- estimate: 339 s (5.6 min) on one H100" in stdout  # the full plan's budget, also in a dry run
+    tables = [block for block in stdout.split("\n\n") if block.startswith("| ")]
     summary, curves = ([[c.strip() for c in line.strip("|").split("|")] for line in t.splitlines()] for t in tables)
     assert summary[0] == gpu_quality.SUMMARY and [row[0] for row in summary[2:]] == gpu_quality.PRESETS
     for preset, tok_s, mfu, mem, first, final, tokens, seconds, wall in summary[2:]:
@@ -155,7 +155,7 @@ def test_quality_dry_run_trains_the_presets_and_prints_both_tables(doc_shards, t
     assert summary[2][6] != "not reached"  # the baseline reaches its own final loss
     assert curves[0] == ["step", "tokens", *gpu_quality.PRESETS]
     assert [(row[0], row[1]) for row in curves[2:]] == [("0", "0"), ("2", "256"), ("4", "512"), ("6", "768")]
-    assert (out / "quality.md").read_text() == proc.stdout
+    assert (out / "quality.md").read_text() == stdout
     assert (out / "quality.png").read_bytes().startswith(b"\x89PNG")
     configs = [json.loads((out / "runs" / p / "config.json").read_text()) for p in gpu_quality.PRESETS]
     assert [c["align_docs"] for c in configs] == ["0", "0", "0"]  # the speedrun's too: the same rows
