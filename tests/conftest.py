@@ -154,12 +154,19 @@ def _gloo_rank(rank: int, world_size: int, port: int, fn, args: tuple):
 
 def spawn_ranks(fn, world_size: int, *args):
     """fn(rank, world_size, *args) in world_size processes joined in a gloo group on a free port (tried on a
-    second port if another process took the first meanwhile). fn must be a module-level function."""
+    second port if another process took the first meanwhile). fn must be a module-level function. Where the OS
+    has it, the ranks fork from a server that imported torch once (forkserver), not each a fresh interpreter."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    # read when the server starts, at the first call; torch._dynamo: optimizers and DDP import it at their first use
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
     for attempt in range(2):
         try:
-            mp.spawn(_gloo_rank, args=(world_size, free_port(), fn, args), nprocs=world_size)
+            mp.start_processes(_gloo_rank, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                               start_method=method)
             return
         except mp.ProcessRaisedException as e:
             if attempt or "address already in use" not in str(e).lower():
