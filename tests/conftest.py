@@ -30,11 +30,6 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
     sys.dont_write_bytecode = False
     atexit.register(shutil.rmtree, sys.pycache_prefix, ignore_errors=True)
 
-# pytest-xdist's workers (-n N) share the cores: torch threads split between them, else they wait on each other;
-# set before torch loads, and inherited by the processes a test starts (CPU sums depend on the thread count)
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
 
 def _shared_file(rel: str) -> Path:
     path = SHARED / rel

@@ -3,8 +3,9 @@ and peak memory for the 124M presets at B=16 and B=64 (compiled, bf16, as the lo
 at B=16 with the other LM-head loss (chunked: no full logits; the data for --chunked-loss on CUDA), gpt2-124m at
 B=64 with Liger-Kernel's fused LM head + cross-entropy against the full-logits loss (where `uv sync --extra gpu`
 installed it; the other rows run without it), gpt2-124m at B=16 with 8 experts (top 2) computed on their own tokens
-against every expert on every token (the earlier dense evaluation), and how long a 124M checkpoint with its
-optimizer state takes to save.
+against every expert on every token (the earlier dense evaluation), gpt2-124m-speedrun at B=16 with each of the
+2025-26 switches alone against the preset without it, and how long a 124M checkpoint with its optimizer state takes
+to save.
 
     python3 -m tools.gpu_check > gpu_check.md                # one H100/H200: a few minutes, progress on stderr
     python3 -m tools.gpu_check --dry-run --device cpu         # every section, tiny and on the CPU, in seconds
@@ -45,7 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]
 DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]  # --dry-run's tiny model
 MOE = ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"]  # the experts of tools/ablate.py's moe suite
-CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "checkpoint-save")  # --only's names: the check column's
+# the 2025-26 records' switches at their records' sizes (README's table): each a row of the switch-step check
+SWITCHES = {"bigram": ["--bigram-rows", "754560"], "smear": ["--smear", "1"], "backout": ["--backout", "1"],
+            "attn-gate": ["--attn-gate", "1"], "mtp 2": ["--mtp", "2"]}
+CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "switch-step", "checkpoint-save")  # --only's names: the check column's
 
 
 def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
@@ -139,6 +143,17 @@ def moe_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str,
             f"{d['tok_per_s']:,.0f} tok/s, {d['step_ms'] / g['step_ms'] - 1:+.1%} grouped){mem}"), True
 
 
+def switch_step(cfg, base_cfg, device, steps: int, warmup: int, loss_mode: str, base: dict) -> tuple[str, bool]:
+    """A training step with a switch on against the preset without it (measured once, for the first switch row)."""
+    if "step" not in base:
+        base["step"] = measure_step(base_cfg, device, steps, warmup, loss_mode)
+    torch._dynamo.reset()
+    r, b = measure_step(cfg, device, steps, warmup, loss_mode), base["step"]
+    mem = f", peak {r['mem_gb']:.2f} vs {b['mem_gb']:.2f} GiB" if r["mem_gb"] is not None else ""
+    return (f"{r['step_ms']:.1f} vs {b['step_ms']:.1f} ms/step without it ({r['tok_per_s']:,.0f} vs "
+            f"{b['tok_per_s']:,.0f} tok/s, {r['step_ms'] / b['step_ms'] - 1:+.1%} time){mem}"), True
+
+
 def checkpoint_save(cfg, device, log_dir: str) -> tuple[str, bool]:
     """Two saves through gpt2.runs' save_checkpoint of a state shaped like the loop's, optimizer moments filled."""
     model = build_model(cfg.model).to(device)
@@ -183,6 +198,13 @@ def sections(args, device) -> list[tuple[str, str, callable]]:
     out.append(("moe step", f"{PRESETS[0]}{tiny} B={batch_sizes[0]} T={cfg.seq_len}, 8 swiglu-oss experts top-2, "
                 f"{dtype}{', compiled' * (device.type == 'cuda')}, {loop_loss(device)} loss, grouped vs dense",
                 lambda cfg=cfg: moe_step(cfg, device, steps, warmup, loop_loss(device))))
+    deep = ["--n-layer", "4"] if args.dry_run else []  # backout subtracts block 2L/3's output: 4 layers at least
+    base_cfg, base = bench_config(PRESETS[2], batch_sizes[0], args.dry_run, *deep), {}
+    for name, flags in SWITCHES.items():
+        cfg = bench_config(PRESETS[2], batch_sizes[0], args.dry_run, *deep, *flags)
+        out.append(("switch step", f"{PRESETS[2]}{tiny} B={batch_sizes[0]} T={cfg.seq_len}, {dtype}"
+                    f"{', compiled' * (device.type == 'cuda')}, {loop_loss(device)} loss, + {name} ({' '.join(flags)})",
+                    lambda cfg=cfg: switch_step(cfg, base_cfg, device, steps, warmup, loop_loss(device), base)))
     cfg = bench_config("gpt2-124m", 1, args.dry_run)
     out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
                 lambda: checkpoint_save(cfg, device, args.log_dir)))
