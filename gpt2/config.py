@@ -148,8 +148,10 @@ TINY = dict(
 # differ (BENCHMARKS.md, "Ablations"), plus Muon and the wsd schedule (the "modern" suite) and Muon's q, k, v
 # orthogonalized apart (the one option of the "muon" suite that won beyond its seed spread).
 MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True, muon_split=True)
-# The speedruns' switches that won the "speedrun" suite on top of the modern preset (BENCHMARKS.md, "speedrun").
-SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True)
+# The speedruns' switches that won the "speedrun" suite on top of the modern preset (BENCHMARKS.md, "speedrun"),
+# and of the 2025-26 records' the one that won the "speedrun2026" suite on both corpora: the head tied to the
+# table, then untied at 2/3 of the steps as modded-nanogpt does (BENCHMARKS.md, "Session 7").
+SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True, tie_head=True, untie_at=0.667)
 # The constrained modes at their papers' settings, scaled to TINY's 300 steps.
 EDM2 = dict(
     mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay

@@ -152,10 +152,11 @@ def test_default_and_presets_build_the_groups_they_built_before_roles(preset):
 
 
 def test_old_role_lrs_build_the_groups_they_built_before():
-    """--adam-embed-lr, --adam-head-lr and --adam-scalar-lr from before: the value-embedding tables with the token
-    table, the x0 lambdas with the scalars, the gate with Muon; groups in the order none, embed, head, scalar."""
-    model, (adamw, _), _ = _setup("--preset", "tiny-speedrun", "--x0-mix", "1", "--adam-embed-lr", "0.1",
-                                  "--adam-head-lr", "0.02", "--adam-scalar-lr", "0.3")
+    """--adam-embed-lr, --adam-head-lr and --adam-scalar-lr from before (on the speedrun preset as it was, head
+    untied): the value-embedding tables with the token table, the x0 lambdas with the scalars, the gate with Muon;
+    groups in the order none, embed, head, scalar."""
+    model, (adamw, _), _ = _setup("--preset", "tiny-speedrun", "--tie-head", "0", "--untie-at", "0", "--x0-mix", "1",
+                                  "--adam-embed-lr", "0.1", "--adam-head-lr", "0.02", "--adam-scalar-lr", "0.3")
     p = dict(model.named_parameters())
     scalars = [q for q in model.parameters() if q.dim() == 1]
     expected = _torch_adamw([{"params": [p["transformer.wte.weight"], p["transformer.ve.1.weight"]], "lr": 0.1,

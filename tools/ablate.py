@@ -59,6 +59,8 @@ def flags(values: dict) -> list[str]:
 
 # the modern preset before the `muon` suite, pinned: the muon, speedrun and roadmap suites measured on top of it
 MODERN_BEFORE = flags(dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True))
+# the speedrun preset as the recipe and speedrun2026 suites measured it, before untie-at joined it (session 7)
+SPEEDRUN_BEFORE = [*flags(SPEEDRUN), "--tie-head", "0", "--untie-at", "0"]
 MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  # nanochat's default weight decay
 # modded-nanogpt's Adam lrs (0.008, scalars 5x); nanochat's (embed 0.3, head 0.008, scalars 0.5) are for an
 # embedding RMS-normalized after the lookup and gain-free norms, neither of which GPT-2 has
@@ -114,8 +116,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
                     *ANCHOR_ADAM_LRS],
     },
     # the 124M speedruns' wins (modded-nanogpt, nanochat), each on top of the modern preset as the `muon` suite
-    # found it, then the chosen set (the tiny-speedrun preset's switches). window-ramp is for FineWeb's long documents: tiny-shakespeare's
-    # (~47 tokens) fit in the smallest window, so there it can only cost
+    # found it, then the chosen set (the tiny-speedrun preset's switches). window-ramp is for FineWeb's long
+    # documents: tiny-shakespeare's (~47 tokens) fit in the smallest window, so there it can only cost
     "speedrun": {
         "baseline": [],
         "modern": MODERN_BEFORE,
@@ -144,37 +146,34 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "swiglu-oss": ["--mlp", "swiglu-oss"],
         "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
     },
-    # the roadmap's pieces against the baseline: the modern preset, gpt-oss's experts (the moe suite's, at the dense
-    # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
-    # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
-    # --weight-decay after `--`, which would override them) and at the baseline's
-    # the anchors' recipe around the speedrun preset (which packs its rows): crop against pack, then nanochat's
-    # per-role AdamW settings, its QK-norm scale, value-embedding gate and x0 mixing, each on top, then all at once
+    # the anchors' recipe around the speedrun preset as it was (packed rows, head untied from the start): crop
+    # against pack, then nanochat's per-role AdamW settings, its QK-norm scale, value-embedding gate and x0 mixing,
+    # each on top, then all at once
     "recipe": {
         "baseline": [],
-        "speedrun-crop": [*flags(SPEEDRUN), "--align-docs", "crop"],
-        "speedrun": flags(SPEEDRUN),
-        "nanochat-lrs": [*flags(SPEEDRUN), *NANOCHAT_ROLES, "--embed-norm", "1"],
-        "qk-norm": [*flags(SPEEDRUN), *NANOCHAT_QK],
-        "ve-gate": [*flags(SPEEDRUN), "--ve-gate", "nanochat"],
-        "x0-mix": [*flags(SPEEDRUN), *NANOCHAT_X0],
-        "nanochat": [*flags(SPEEDRUN), *NANOCHAT_ROLES, "--embed-norm", "1", *NANOCHAT_QK, "--ve-gate", "nanochat",
+        "speedrun-crop": [*SPEEDRUN_BEFORE, "--align-docs", "crop"],
+        "speedrun": SPEEDRUN_BEFORE,
+        "nanochat-lrs": [*SPEEDRUN_BEFORE, *NANOCHAT_ROLES, "--embed-norm", "1"],
+        "qk-norm": [*SPEEDRUN_BEFORE, *NANOCHAT_QK],
+        "ve-gate": [*SPEEDRUN_BEFORE, "--ve-gate", "nanochat"],
+        "x0-mix": [*SPEEDRUN_BEFORE, *NANOCHAT_X0],
+        "nanochat": [*SPEEDRUN_BEFORE, *NANOCHAT_ROLES, "--embed-norm", "1", *NANOCHAT_QK, "--ve-gate", "nanochat",
                      *NANOCHAT_X0],
     },
-    # the 2025-26 records' switches, each alone on top of the speedrun preset, then all of them (the bigram table at
-    # one row per vocabulary entry: the record's 15x is 3x this tiny model's parameters; the presets untie the head,
-    # so untie-at starts tied)
+    # the 2025-26 records' switches, each alone on top of the speedrun preset as it was (head untied from the start),
+    # then all of them (the bigram table at one row per vocabulary entry: the record's 15x is 3x this tiny model's
+    # parameters); untie-at, the one that won on both corpora, is the speedrun preset now
     "speedrun2026": {
         "baseline": [],
-        "speedrun": flags(SPEEDRUN),
-        "bigram": [*flags(SPEEDRUN), "--bigram-rows", "50304"],
-        "smear": [*flags(SPEEDRUN), "--smear", "1"],
-        "backout": [*flags(SPEEDRUN), "--backout", "1"],
-        "attn-gate": [*flags(SPEEDRUN), "--attn-gate", "1"],
-        "mtp": [*flags(SPEEDRUN), "--mtp", "2"],
-        "untie-at": [*flags(SPEEDRUN), "--tie-head", "1", "--untie-at", "0.667"],
-        "seq-len": [*flags(SPEEDRUN), "--seq-len-start", "32"],
-        "all": [*flags(SPEEDRUN), "--bigram-rows", "50304", "--smear", "1", "--backout", "1", "--attn-gate", "1",
+        "speedrun": SPEEDRUN_BEFORE,
+        "bigram": [*SPEEDRUN_BEFORE, "--bigram-rows", "50304"],
+        "smear": [*SPEEDRUN_BEFORE, "--smear", "1"],
+        "backout": [*SPEEDRUN_BEFORE, "--backout", "1"],
+        "attn-gate": [*SPEEDRUN_BEFORE, "--attn-gate", "1"],
+        "mtp": [*SPEEDRUN_BEFORE, "--mtp", "2"],
+        "untie-at": [*SPEEDRUN_BEFORE, "--tie-head", "1", "--untie-at", "0.667"],
+        "seq-len": [*SPEEDRUN_BEFORE, "--seq-len-start", "32"],
+        "all": [*SPEEDRUN_BEFORE, "--bigram-rows", "50304", "--smear", "1", "--backout", "1", "--attn-gate", "1",
                 "--mtp", "2", "--tie-head", "1", "--untie-at", "0.667", "--seq-len-start", "32"],
     },
     # the roadmap's verdicts at tuned lrs: each config swept over the lr that matters for it (--sweep, see the
@@ -188,6 +187,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hypersphere": ["--mode", "hypersphere"],
         "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
     },
+    # the roadmap's pieces against the baseline: the modern preset, gpt-oss's experts (the moe suite's, at the dense
+    # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
+    # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
+    # --weight-decay after `--`, which would override them) and at the baseline's
     "roadmap": {
         "baseline": [],
         "modern": MODERN_BEFORE,
