@@ -183,7 +183,16 @@ def test_crash_leaves_its_line_in_the_run_logs(shards, tmp_path, monkeypatch):
     assert len(config_line) < 500 and "n_layer=2" in config_line and "norm=" not in config_line
 
 
-def test_second_ctrl_c_stops_at_once_with_one_line(shards, tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT as a terminal gives it, whether the suite runs there, under nohup or in a shell's background (which
+    ignores it, and the trainer keeps an ignored signal ignored); the suite's own handler back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_second_ctrl_c_stops_at_once_with_one_line(shards, tmp_path, monkeypatch, ctrl_c_interrupts):
     step, handler = train_gpt2.Trainer.optimizer_step, signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(StopRequest, "SAME_SIGNAL_S", 0.0)  # the second press comes 10 ms after the first here
 

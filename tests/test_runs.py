@@ -40,13 +40,18 @@ def ckpt_steps(run_dir: Path) -> list[int]:
     return [int(p.stem.split("_")[1]) for p in sorted(run_dir.glob("ckpt_*.pt"))]
 
 
+def default_signals():
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def start_trainer(shards, log_dir, *extra) -> subprocess.Popen:
     """A trainer in its own process, returned once it has taken a step (so it holds the lock and its handlers)."""
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *args(shards, log_dir, *extra)]
-    # a suite run under nohup would pass on its ignored SIGHUP, which the trainer keeps ignored (by design)
+    # a suite run under nohup, or in a shell's background, would pass on its ignored SIGHUP or SIGINT, which the
+    # trainer keeps ignored (by design): the trainer gets the defaults a terminal gives
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_signals)
     metrics = Path(log_dir) / "r" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and '"train"' in metrics.read_text()):
