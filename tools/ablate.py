@@ -60,7 +60,7 @@ def flags(values: dict) -> list[str]:
 # the modern preset before the `muon` suite, pinned: the muon, speedrun and roadmap suites measured on top of it
 MODERN_BEFORE = flags(dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True))
 # the speedrun preset as the recipe and speedrun2026 suites measured it, before untie-at joined it (session 7)
-SPEEDRUN_BEFORE = [*flags(SPEEDRUN), "--tie-head", "0", "--untie-at", "0"]
+SPEEDRUN_BEFORE = flags(dict(SPEEDRUN, tie_head=False, untie_at=0.0))
 MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  # nanochat's default weight decay
 # modded-nanogpt's Adam lrs (0.008, scalars 5x); nanochat's (embed 0.3, head 0.008, scalars 0.5) are for an
 # embedding RMS-normalized after the lookup and gain-free norms, neither of which GPT-2 has

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import re
@@ -49,7 +50,8 @@ MOE = ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"]  # the e
 # the 2025-26 records' switches at their records' sizes (README's table): each a row of the switch-step check
 SWITCHES = {"bigram": ["--bigram-rows", "754560"], "smear": ["--smear", "1"], "backout": ["--backout", "1"],
             "attn-gate": ["--attn-gate", "1"], "mtp 2": ["--mtp", "2"]}
-CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "switch-step", "checkpoint-save")  # --only's names: the check column's
+# --only's names: the check column's
+CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "switch-step", "checkpoint-save")
 
 
 def cuda_tests(dry_run: bool, timeout: float) -> tuple[str, bool]:
@@ -143,12 +145,12 @@ def moe_step(cfg, device, steps: int, warmup: int, loss_mode: str) -> tuple[str,
             f"{d['tok_per_s']:,.0f} tok/s, {d['step_ms'] / g['step_ms'] - 1:+.1%} grouped){mem}"), True
 
 
-def switch_step(cfg, base_cfg, device, steps: int, warmup: int, loss_mode: str, base: dict) -> tuple[str, bool]:
-    """A training step with a switch on against the preset without it (measured once, for the first switch row)."""
-    if "step" not in base:
-        base["step"] = measure_step(base_cfg, device, steps, warmup, loss_mode)
+def switch_step(cfg, preset_step, device, steps: int, warmup: int, loss_mode: str) -> tuple[str, bool]:
+    """A training step with a switch on against preset_step(), the preset without it (cached: measured once, for
+    the first switch row)."""
+    b = preset_step()
     torch._dynamo.reset()
-    r, b = measure_step(cfg, device, steps, warmup, loss_mode), base["step"]
+    r = measure_step(cfg, device, steps, warmup, loss_mode)
     mem = f", peak {r['mem_gb']:.2f} vs {b['mem_gb']:.2f} GiB" if r["mem_gb"] is not None else ""
     return (f"{r['step_ms']:.1f} vs {b['step_ms']:.1f} ms/step without it ({r['tok_per_s']:,.0f} vs "
             f"{b['tok_per_s']:,.0f} tok/s, {r['step_ms'] / b['step_ms'] - 1:+.1%} time){mem}"), True
@@ -199,12 +201,13 @@ def sections(args, device) -> list[tuple[str, str, callable]]:
                 f"{dtype}{', compiled' * (device.type == 'cuda')}, {loop_loss(device)} loss, grouped vs dense",
                 lambda cfg=cfg: moe_step(cfg, device, steps, warmup, loop_loss(device))))
     deep = ["--n-layer", "4"] if args.dry_run else []  # backout subtracts block 2L/3's output: 4 layers at least
-    base_cfg, base = bench_config(PRESETS[2], batch_sizes[0], args.dry_run, *deep), {}
+    base_cfg = bench_config(PRESETS[2], batch_sizes[0], args.dry_run, *deep)
+    preset_step = functools.cache(lambda: measure_step(base_cfg, device, steps, warmup, loop_loss(device)))
     for name, flags in SWITCHES.items():
         cfg = bench_config(PRESETS[2], batch_sizes[0], args.dry_run, *deep, *flags)
         out.append(("switch step", f"{PRESETS[2]}{tiny} B={batch_sizes[0]} T={cfg.seq_len}, {dtype}"
                     f"{', compiled' * (device.type == 'cuda')}, {loop_loss(device)} loss, + {name} ({' '.join(flags)})",
-                    lambda cfg=cfg: switch_step(cfg, base_cfg, device, steps, warmup, loop_loss(device), base)))
+                    lambda cfg=cfg: switch_step(cfg, preset_step, device, steps, warmup, loop_loss(device))))
     cfg = bench_config("gpt2-124m", 1, args.dry_run)
     out.append(("checkpoint save", f"gpt2-124m{tiny} model + AdamW state",
                 lambda: checkpoint_save(cfg, device, args.log_dir)))
