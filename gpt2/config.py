@@ -152,23 +152,22 @@ MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv
 # and of the 2025-26 records' the one that won the "speedrun2026" suite on both corpora: the head tied to the
 # table, then untied at 2/3 of the steps as modded-nanogpt does (BENCHMARKS.md, "Session 7").
 SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True, tie_head=True, untie_at=0.667)
-# The constrained modes at their papers' settings, scaled to TINY's 300 steps.
-EDM2 = dict(
-    mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
-    beta2=0.99,  # EDM2's Adam betas (0.9, 0.99)
-    # EDM2-XS's ref_lr, the width of TINY's 128 (NVlabs/edm2 train_edm2.py @ 4bf8162, edm2-img512-xs: channels 128,
-    # lr 0.0120): on unit-RMS weight elements Adam's lr is a relative step, so it carries over as it is
-    max_lr=1.2e-2,
-    decay_ref_steps=20, warmup_steps=2,  # EDM2's t_ref 70k and 10 Mimg ramp-up of its ~1M steps, of 300
-)
-HYPERSPHERE = dict(
-    mode="hypersphere", warmup_steps=0, weight_decay=0.0,  # nGPT (Loshchilov et al. 2024): no warm-up, no decay
-    max_lr=1.5e-3,  # nGPT's reported lr (15e-4, its 0.5B model)
-)
+# The constrained modes at their best lr on the tiny model, on its own schedule: the `tuned` sweeps at 150 steps
+# (BENCHMARKS.md, "Session 8"), where at their papers' settings (the `roadmap` suite) both lost to the baseline
+EDM2 = dict(mode="edm2", max_lr=9.6e-2)  # 8x EDM2-XS's lr at the same width (128)
+HYPERSPHERE = dict(mode="hypersphere", max_lr=2.4e-2)  # 16x nGPT's 1.5e-3
+# At 124M: EDM2 scales its lr as 1 / sqrt(width) (NVlabs/edm2 train_edm2.py @ 4bf8162: channels 64 -> 0.0170, 128
+# -> 0.0120, ..., 448 -> 0.0065), so 768 wide takes the tiny lr x sqrt(128 / 768). nGPT has no width rule: it
+# sweeps each size (NVIDIA/ngpt hyperparams.png @ ed19eb2, 0.5B at 1k context: best 2.5e-3 at 10k steps, 1.5e-3 to
+# 2e-3 at 50k), so the 124M's 19k steps take 2e-3 from there
+EDM2_124M = dict(EDM2, max_lr=3.9e-2)
+HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)
 PRESETS = {
     "gpt2-124m": {},
     "gpt2-124m-modern": MODERN,
     "gpt2-124m-speedrun": SPEEDRUN,
+    "gpt2-124m-edm2": EDM2_124M,
+    "gpt2-124m-hypersphere": HYPERSPHERE_124M,
     "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
     "tiny-modern": {**TINY, **MODERN},
     "tiny-speedrun": {**TINY, **SPEEDRUN},

@@ -330,13 +330,26 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
 
 
 @pytest.mark.parametrize("preset,expected", [
-    ("tiny-edm2", dict(mode="edm2", edm2_storage="elements", schedule="invsqrt", beta2=0.99, weight_decay=0.0,
-                       max_lr=1.2e-2, decay_ref_steps=20)),
-    ("tiny-hypersphere", dict(mode="hypersphere", warmup_steps=0, weight_decay=0.0, max_lr=1.5e-3)),
+    ("tiny-edm2", dict(mode="edm2", edm2_storage="elements", max_lr=9.6e-2)),  # the `tuned` sweep's best
+    ("tiny-hypersphere", dict(mode="hypersphere", max_lr=2.4e-2)),
 ])
-def test_faithful_presets_set_their_papers_values(preset, expected):
+def test_constrained_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expected):
     cfg, _ = config.parse_config(["--preset", preset])
     values = {**vars(cfg), **vars(cfg.model)}
     assert {k: values[k] for k in expected} == expected
-    assert values["n_embd"] == 128 and values["max_steps"] == 300  # on the tiny model and budget
+    tiny, _ = config.parse_config(["--preset", "tiny"])
+    tiny = {**vars(tiny), **vars(tiny.model)}
+    for field in ("max_steps", "warmup_steps", "schedule", "weight_decay", "beta2", "n_embd"):  # the tiny schedule's
+        assert values[field] == tiny[field], field
     assert preset in config.PRESET_DATA  # the data hint of a missing data_dir covers it
+
+
+def test_constrained_124m_presets_scale_as_their_papers():
+    edm2, _ = config.parse_config(["--preset", "gpt2-124m-edm2"])
+    # EDM2's lr goes as 1 / sqrt(width): 9.6e-2 at 128 wide, x sqrt(128 / 768) = 0.0392 at 768
+    assert edm2.model.mode == "edm2" and edm2.model.n_embd == 768 and edm2.max_lr == pytest.approx(0.0392, rel=0.01)
+    sphere, _ = config.parse_config(["--preset", "gpt2-124m-hypersphere"])
+    assert sphere.model.mode == "hypersphere" and sphere.max_lr == 2e-3  # nGPT's own best near this size and horizon
+    gpt2 = config.parse_config([])[0]
+    for cfg in (edm2, sphere):  # otherwise GPT-2's run
+        assert (cfg.max_steps, cfg.total_batch_size, cfg.schedule) == (gpt2.max_steps, gpt2.total_batch_size, "cosine")

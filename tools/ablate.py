@@ -61,6 +61,17 @@ def flags(values: dict) -> list[str]:
 MODERN_BEFORE = flags(dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv_head=2, sinks=True))
 # the speedrun preset as the recipe and speedrun2026 suites measured it, before untie-at joined it (session 7)
 SPEEDRUN_BEFORE = flags(dict(SPEEDRUN, tie_head=False, untie_at=0.0))
+# EDM2 and nGPT at their papers' settings, scaled to the tiny model's 300 steps (the presets' before session 8)
+EDM2_PAPER = flags(dict(
+    mode="edm2", schedule="invsqrt", weight_decay=0.0,  # EDM2 (Karras et al. 2024): inverse-sqrt decay, no decay
+    beta2=0.99,  # EDM2's Adam betas (0.9, 0.99)
+    max_lr=1.2e-2,  # EDM2-XS's ref_lr, at the tiny model's width 128 (NVlabs/edm2 train_edm2.py @ 4bf8162)
+    decay_ref_steps=20, warmup_steps=2,  # EDM2's t_ref 70k and 10 Mimg ramp-up of its ~1M steps, of 300
+))
+HYPERSPHERE_PAPER = flags(dict(
+    mode="hypersphere", warmup_steps=0, weight_decay=0.0,  # nGPT (Loshchilov et al. 2024): no warm-up, no decay
+    max_lr=1.5e-3,  # nGPT's reported lr (15e-4, its 0.5B model)
+))
 MUON_CAUTIOUS_WD = ["--muon-weight-decay", "0.28", "--muon-cautious-wd", "1"]  # nanochat's default weight decay
 # modded-nanogpt's Adam lrs (0.008, scalars 5x); nanochat's (embed 0.3, head 0.008, scalars 0.5) are for an
 # embedding RMS-normalized after the lookup and gain-free norms, neither of which GPT-2 has
@@ -189,18 +200,25 @@ SUITES: dict[str, dict[str, list[str]]] = {
     },
     # the roadmap's pieces against the baseline: the modern preset, gpt-oss's experts (the moe suite's, at the dense
     # MLP's active parameters), manifold Muon on the modern preset, and the constrained modes both at their papers'
-    # settings (the tiny-edm2 / tiny-hypersphere presets, tuned for 300 steps: pass no --max-lr, --warmup-steps or
-    # --weight-decay after `--`, which would override them) and at the baseline's
+    # settings (pass no --max-lr, --warmup-steps or --weight-decay after `--`, which would override them) and at the
+    # baseline's
     "roadmap": {
         "baseline": [],
         "modern": MODERN_BEFORE,
         "moe": ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"],
         "manifold": [*MODERN_BEFORE, "--muon-manifold", "stiefel"],
-        "edm2": flags(EDM2),  # EDM2 as its paper stores weights, at EDM2-XS's lr
-        "edm2-rows": [*flags(EDM2), "--edm2-storage", "rows", "--max-lr", "1e-3"],  # the variant BENCHMARKS measured
-        "hypersphere": flags(HYPERSPHERE),
+        "edm2": EDM2_PAPER,  # EDM2 as its paper stores weights, at EDM2-XS's lr
+        "edm2-rows": [*EDM2_PAPER, "--edm2-storage", "rows", "--max-lr", "1e-3"],  # the variant BENCHMARKS measured
+        "hypersphere": HYPERSPHERE_PAPER,
         "edm2-baseline": ["--mode", "edm2", "--edm2-storage", "rows"],  # as measured (BENCHMARKS)
         "hypersphere-baseline": ["--mode", "hypersphere"],
+    },
+    # the presets that came out of `tuned`, each at its own settings (the tiny model's 300 steps, its warm-up and
+    # schedule) against the tiny preset's: pass no --max-lr, --max-steps or --warmup-steps after `--`
+    "presets": {
+        "baseline": [],
+        "edm2": flags(EDM2),
+        "hypersphere": flags(HYPERSPHERE),
     },
 }
 
