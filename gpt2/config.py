@@ -162,17 +162,22 @@ HYPERSPHERE = dict(mode="hypersphere", max_lr=2.4e-2)  # 16x nGPT's 1.5e-3
 # 2e-3 at 50k), so the 124M's 19k steps take 2e-3 from there
 EDM2_124M = dict(EDM2, max_lr=3.9e-2)
 HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)
+# Manifold Muon at the docs corpus's best lr (tiny-shakespeare's was 0.03; 0.06 costs 0.05 there). Weights and steps
+# both have spectral norm fixed (1 and the lr) at any width ("Modular Manifolds"), so 124M takes the same lr
+MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)
 PRESETS = {
     "gpt2-124m": {},
     "gpt2-124m-modern": MODERN,
     "gpt2-124m-speedrun": SPEEDRUN,
     "gpt2-124m-edm2": EDM2_124M,
     "gpt2-124m-hypersphere": HYPERSPHERE_124M,
+    "gpt2-124m-manifold": MANIFOLD,
     "tiny": TINY,  # a few minutes on a laptop CPU; build its data with fineweb_edu.py (see README)
     "tiny-modern": {**TINY, **MODERN},
     "tiny-speedrun": {**TINY, **SPEEDRUN},
     "tiny-edm2": {**TINY, **EDM2},
     "tiny-hypersphere": {**TINY, **HYPERSPHERE},
+    "tiny-manifold": {**TINY, **MANIFOLD},
 }
 
 PRESET_DATA = {name: "python fineweb_edu.py --max-tokens 5000000 --shard-size 1000000"

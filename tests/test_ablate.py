@@ -122,8 +122,8 @@ def test_every_suite_config_is_a_valid_train_config(suite):
         as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
         preset, _ = config.parse_config(["--preset", name, "--run-name", "x"])
         assert as_flags == preset
-    # and the presets suite's edm2 and hypersphere configs are exactly their presets
-    for name in ("edm2", "hypersphere"):
+    # and the presets suite's configs are exactly their presets
+    for name in ("edm2", "hypersphere", "manifold"):
         as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.SUITES["presets"][name], "--run-name", "x"])
         assert as_flags == config.parse_config([f"--preset=tiny-{name}", "--run-name", "x"])[0]
 

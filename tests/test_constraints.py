@@ -332,8 +332,9 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
 @pytest.mark.parametrize("preset,expected", [
     ("tiny-edm2", dict(mode="edm2", edm2_storage="elements", max_lr=9.6e-2)),  # the `tuned` sweep's best
     ("tiny-hypersphere", dict(mode="hypersphere", max_lr=2.4e-2)),
+    ("tiny-manifold", dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)),
 ])
-def test_constrained_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expected):
+def test_roadmap_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expected):
     cfg, _ = config.parse_config(["--preset", preset])
     values = {**vars(cfg), **vars(cfg.model)}
     assert {k: values[k] for k in expected} == expected
@@ -344,12 +345,14 @@ def test_constrained_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, ex
     assert preset in config.PRESET_DATA  # the data hint of a missing data_dir covers it
 
 
-def test_constrained_124m_presets_scale_as_their_papers():
+def test_roadmap_124m_presets_scale_as_their_papers():
     edm2, _ = config.parse_config(["--preset", "gpt2-124m-edm2"])
     # EDM2's lr goes as 1 / sqrt(width): 9.6e-2 at 128 wide, x sqrt(128 / 768) = 0.0392 at 768
     assert edm2.model.mode == "edm2" and edm2.model.n_embd == 768 and edm2.max_lr == pytest.approx(0.0392, rel=0.01)
     sphere, _ = config.parse_config(["--preset", "gpt2-124m-hypersphere"])
     assert sphere.model.mode == "hypersphere" and sphere.max_lr == 2e-3  # nGPT's own best near this size and horizon
+    manifold, _ = config.parse_config(["--preset", "gpt2-124m-manifold"])
+    assert (manifold.muon_manifold, manifold.muon_lr) == ("stiefel", 0.06)  # spectral norms: the lr is width-free
     gpt2 = config.parse_config([])[0]
-    for cfg in (edm2, sphere):  # otherwise GPT-2's run
+    for cfg in (edm2, sphere, manifold):  # otherwise GPT-2's run
         assert (cfg.max_steps, cfg.total_batch_size, cfg.schedule) == (gpt2.max_steps, gpt2.total_batch_size, "cosine")

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import plot_logs
-from gpt2.config import EDM2, HYPERSPHERE, MODEL_FIELDS, MODERN, SPEEDRUN, TRAIN_FIELDS, parse_config
+from gpt2.config import EDM2, HYPERSPHERE, MANIFOLD, MODEL_FIELDS, MODERN, SPEEDRUN, TRAIN_FIELDS, parse_config
 from gpt2.runs import checkpoint_paths
 
 TRAIN = Path(__file__).resolve().parent.parent / "train_gpt2.py"
@@ -219,6 +219,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "baseline": [],
         "edm2": flags(EDM2),
         "hypersphere": flags(HYPERSPHERE),
+        "manifold": flags(MANIFOLD),
     },
 }
 
