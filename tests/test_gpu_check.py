@@ -1,7 +1,8 @@
 """gpu_check.py: its dry run goes through every section on the CPU and prints the one table; a failing section
 is reported in its row and in the exit code, and the other sections still run; --only picks sections; the fused-loss
-row. gpu_quality.py: its dry run trains the three presets tiny on shards of the docs corpus and prints both tables;
-the plan's budget, the data check, the command lines, and the time-to-baseline figures against hand computations."""
+row. gpu_quality.py: its dry run trains the three presets tiny on shards of the docs corpus and prints both tables,
+and --presets' list instead (checked); the plan's budget, the data check, the command lines, and the time-to-baseline
+figures against hand computations."""
 
 import argparse
 import json
@@ -179,7 +180,8 @@ def test_quality_dry_run_trains_the_presets_and_prints_both_tables(doc_shards, t
     assert "- estimate: 339 s (5.6 min) on one H100" in stdout  # the full plan's budget, also in a dry run
     tables = [block for block in stdout.split("\n\n") if block.startswith("| ")]
     summary, curves = ([[c.strip() for c in line.strip("|").split("|")] for line in t.splitlines()] for t in tables)
-    assert summary[0] == gpu_quality.SUMMARY and [row[0] for row in summary[2:]] == gpu_quality.PRESETS
+    assert summary[0] == [c.format(baseline="gpt2-124m") for c in gpu_quality.SUMMARY]
+    assert [row[0] for row in summary[2:]] == gpu_quality.PRESETS
     for preset, tok_s, mfu, mem, first, final, tokens, seconds, wall in summary[2:]:
         assert float(tok_s.replace(",", "")) > 0 and (mfu, mem) == ("–", "–")  # MFU and memory: CUDA only
         assert first.endswith(" s") and 0 < float(final) < 11 and wall.endswith(" s")
@@ -194,6 +196,42 @@ def test_quality_dry_run_trains_the_presets_and_prints_both_tables(doc_shards, t
     assert {(c["total_batch_size"], c["max_steps"], c["warmup_steps"], c["val_every"]) for c in configs} == {
         (128, 6, 2, 2)}
     assert list(logs.iterdir()) == [] and not list(out.rglob("*.pt"))  # the runs' checkpoints are gone
+
+
+def test_quality_dry_run_trains_the_listed_presets_against_the_first(doc_shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = gpu_quality.main(["--dry-run", "--device", "cpu", "--data-dir", doc_shards, "--out", str(out),
+                             "--log-dir", str(tmp_path / "logs"), "--presets", "gpt2-124m,gpt2-124m-edm2"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "plan: 2 presets x 200 steps" in stdout
+    # 13,107,200 / 350k = 37 s; 9 x 1,048,576 / (3 x 350k) = 9 s; + 70 = 116.4 s; with gpt2-124m's 106.1 s: 222.6 s
+    assert ("- gpt2-124m-edm2: 37 s of training at an assumed 350,000 tok/s + 9 s of evaluations + 60 s compile "
+            "+ 10 s start-up = 116 s") in stdout
+    assert "- estimate: 223 s (3.7 min) on one H100" in stdout
+    assert "then gpt2-124m cosine, gpt2-124m-edm2 cosine, val every 2 steps" in stdout  # no --align-docs 0 here
+    summary, curves = ([[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()]
+                       for block in stdout.split("\n\n") if block.startswith("| "))
+    assert summary[0][6:8] == ["tokens to gpt2-124m's final val", "training seconds to it"]
+    assert [row[0] for row in summary[2:]] == ["gpt2-124m", "gpt2-124m-edm2"]
+    assert summary[2][6] != "not reached" and 0 < float(summary[3][5]) < 11  # both trained and were evaluated
+    assert curves[0] == ["step", "tokens", "gpt2-124m", "gpt2-124m-edm2"] and len(curves) == 2 + 4
+    edm2 = json.loads((out / "runs" / "gpt2-124m-edm2" / "config.json").read_text())
+    assert (edm2["preset"], edm2["model"]["mode"], edm2["max_lr"]) == ("gpt2-124m-edm2", "edm2", 3.9e-2)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["gpt2-124m", "gpt2-124m-edm2"]
+
+
+@pytest.mark.parametrize("presets, message", [
+    ("gpt2-124m,tiny-edm2", "'tiny-edm2' is not a 124M preset"), ("gpt2-124m,gpt2-350m", "'gpt2-350m' is not a"),
+    ("gpt2-124m-edm2,gpt2-124m,gpt2-124m-edm2", "lists gpt2-124m-edm2 twice"), ("", "names no preset"),
+    (" , ", "names no preset")])
+def test_quality_refuses_a_bad_preset_list_naming_the_124m_presets(presets, message, tmp_path):
+    with pytest.raises(SystemExit) as stop:  # before any data check or run
+        gpu_quality.main(["--dry-run", "--device", "cpu", "--data-dir", str(tmp_path / "none"), "--presets", presets])
+    message_text, listed = str(stop.value).split("the 124M presets of gpt2/config.py: ")
+    assert message in message_text and "tiny" not in listed  # the list: 124M presets only (more may come)
+    assert {"gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun", "gpt2-124m-edm2",
+            "gpt2-124m-hypersphere"} <= set(listed.split(", "))
 
 
 def test_reach_interpolates_between_evaluations():
@@ -239,7 +277,7 @@ def test_read_run_and_the_summary_against_hand_computations(tmp_path):
 
 
 def test_budget_of_the_full_plan_by_hand():
-    lines = gpu_quality.budget(gpu_quality.FULL)
+    lines = gpu_quality.budget(gpu_quality.FULL, gpu_quality.PRESETS)
     assert lines[0].startswith("plan: 3 presets x 200 steps x 65,536 tokens (B=64, T=1024) = 13.1M tokens each")
     # 13,107,200 tokens / 450k = 29 s; 9 evaluations x 1,048,576 / (3 x 450k) = 7 s; + 60 + 10 = 106 s
     assert lines[1] == ("- gpt2-124m: 29 s of training at an assumed 450,000 tok/s + 7 s of evaluations + 60 s "

@@ -1,12 +1,14 @@
-"""The training-quality check of one GPU machine: gpt2-124m (the baseline), gpt2-124m-modern and gpt2-124m-speedrun,
-each trained from scratch by a real `train_gpt2.py` process (what users run: compiled, bf16) on the same tokens with
-one short schedule, its val loss evaluated every 25 steps on the same val tokens. Per preset it reports the speed
-(median tok/s, MFU, peak memory, the first step's time: the compile), the val curve, and the tokens and training
-seconds it needs to reach the baseline's final val loss (interpolated linearly between evaluations), as markdown
-on stdout and in OUT/quality.md, the curves in OUT/quality.png, each run's metrics.jsonl and log.txt in OUT/runs/.
+"""The training-quality check of one GPU machine: gpt2-124m (the baseline), gpt2-124m-modern and gpt2-124m-speedrun
+(or the 124M presets that --presets lists, the first one the baseline), each trained from scratch by a real
+`train_gpt2.py` process (what users run: compiled, bf16) on the same tokens with one short schedule, its val loss
+evaluated every 25 steps on the same val tokens. Per preset it reports the speed (median tok/s, MFU, peak memory,
+the first step's time: the compile), the val curve, and the tokens and training seconds it needs to reach the
+baseline's final val loss (interpolated linearly between evaluations), as markdown on stdout and in OUT/quality.md,
+the curves in OUT/quality.png, each run's metrics.jsonl and log.txt in OUT/runs/.
 
     python3 -m tools.gpu_quality --data-dir data/docs --out OUT           # one H100: ~6 min, progress on stderr
     python3 -m tools.gpu_quality --dry-run --device cpu --data-dir DIR    # the plan, then tiny runs on the CPU
+    python3 -m tools.gpu_quality --presets gpt2-124m,gpt2-124m-edm2,gpt2-124m-hypersphere --out OUT  # ~5.6 min
 
 The data, built here once (data/ is ignored by .gitignore's /data): the whole 14.8M-token docs corpus of ../shared
 (29 MB as uint16), in shards of 1,048,577 tokens = 16 batches of 64 x 1024 (+1 target), so that no train token is
@@ -19,18 +21,19 @@ Carry `data` (31 MB, under the 64 MiB) to the GPU machine and run there with TIK
 That is 1.05M val tokens (16 batches, all evaluated) and 13.7M train tokens: 209 steps of 65,536, so the 200 steps
 below never repeat a train token (check_data refuses shards too small for the plan, and says how to build them).
 
-The plan, the same for the three presets: 200 steps of 65,536 tokens (B=64, T=1024, no gradient accumulation),
+The plan, the same for every preset: 200 steps of 65,536 tokens (B=64, T=1024, no gradient accumulation),
 13.1M tokens each; a 20-step warm-up (10%), then each preset's own schedule shape on the 200 steps: cosine down
-to 10% of the peak for gpt2-124m, wsd (flat, then linear down to 10% over the last 20%) for modern and speedrun;
-the presets' peak learning rates. The speedrun runs with --align-docs 0, so that the three train on the same rows:
-its preset's pack lays this corpus's ~3,100-token documents out in other rows (and crop would keep only the first
-1025 tokens of each, 38 batches of the 209, 2.5M of the 13.7M tokens, and repeat them 5 times).
+to 10% of the peak for gpt2-124m, edm2 and hypersphere, wsd (flat, then linear down to 10% over the last 20%) for
+modern and speedrun; the presets' peak learning rates. The speedrun runs with --align-docs 0, so that all train on
+the same rows: its preset's pack lays this corpus's ~3,100-token documents out in other rows (and crop would keep
+only the first 1025 tokens of each, 38 batches of the 209, 2.5M of the 13.7M tokens, and repeat them 5 times).
 
 Sizing, for one H100 (BENCHMARKS.md): gpt2-124m trains at ~450k tok/s (the loop at B=16: 445-454k; the bench at
 B=64: 481k), so 13.1M tokens take ~29 s; modern and speedrun are assumed slower, 350k tok/s (~37 s; gpu_check's
 train-step rows measure them); plus ~60 s each for the compile (assumed; the loop's first step took 29 s for
 gpt2-124m), 9 evaluations of 1M tokens at ~3x the training speed (~7 s) and ~10 s of start-up: ~106 + 2 x 115 s,
 about 5.6 minutes in all (budget() prints it, also in the dry run). A run is stopped after --run-timeout s.
+Any other 124M preset (edm2, hypersphere) is assumed at 350k tok/s too, the figure argued for modern and speedrun.
 """
 
 import argparse
@@ -54,14 +57,14 @@ from gpt2.runtime import pick_device
 from plot_logs import load_run, plot_runs
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]  # in the order they run
-BASELINE = PRESETS[0]
-ASSUMED_TOK_S = dict(zip(PRESETS, (450_000, 350_000, 350_000)))  # one H100 (see the docstring)
+PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]  # --presets' default, in the order they run
+CHOICES = [p for p in PRESET_VALUES if not p.startswith("tiny")]  # the tiny presets set a 4-layer model: not 124M
+ASSUMED_TOK_S, OTHER_TOK_S = {"gpt2-124m": 450_000}, 350_000  # one H100 (see the docstring)
 ASSUMED_COMPILE_S, ASSUMED_START_S, EVAL_SPEEDUP = 60, 10, 3  # an evaluation is a forward pass only: ~3x faster
 RECIPE = ("build the shards with `python fineweb_edu.py --source ../shared/data/docs --out data/docs --max-tokens "
           "15000000 --shard-size 1048577` (the docstring of tools/gpu_quality.py has the whole recipe)")
 SUMMARY = ["preset", "tok/s (median)", "MFU", "peak memory", "first step (compile)", "final val loss",
-           f"tokens to {BASELINE}'s final val", "training seconds to it", "run wall time"]
+           "tokens to {baseline}'s final val", "training seconds to it", "run wall time"]
 
 
 @dataclass
@@ -84,14 +87,29 @@ DRY = Plan(steps=6, batch_size=4, seq_len=32, val_every=2, val_tokens=512, warmu
            model=["--n-layer", "2", "--n-head", "2", "--n-embd", "32"])
 
 
-def budget(plan: Plan) -> list[str]:
+def parse_presets(text: str) -> list[str]:
+    """--presets' comma-separated names, checked: 124M presets only, at least one, none twice."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    choices = f"the 124M presets of gpt2/config.py: {', '.join(CHOICES)}"
+    if not names:
+        raise SystemExit(f"--presets {text!r} names no preset; list one or more of {choices}")
+    for name in names:
+        if name not in CHOICES:
+            raise SystemExit(f"--presets: {name!r} is not a 124M preset; pick from {choices}")
+        if names.count(name) > 1:  # each run's folder and table row is its preset's name
+            raise SystemExit(f"--presets lists {name} twice; list each preset once, from {choices}")
+    return names
+
+
+def budget(plan: Plan, presets: list[str]) -> list[str]:
     """The plan's tokens and, at the assumed speeds, its seconds per preset and in all, one line each."""
     tokens, evals = plan.steps * plan.tokens_per_step, plan.steps // plan.val_every + 1
-    lines = [f"plan: {len(PRESETS)} presets x {plan.steps} steps x {plan.tokens_per_step:,} tokens "
+    lines = [f"plan: {len(presets)} presets x {plan.steps} steps x {plan.tokens_per_step:,} tokens "
              f"(B={plan.batch_size}, T={plan.seq_len}) = {tokens / 1e6:.1f}M tokens each; val every "
              f"{plan.val_every} steps ({evals} evaluations) on {plan.val_tokens:,} tokens"]
     total = 0.0
-    for preset, tok_s in ASSUMED_TOK_S.items():
+    for preset in presets:
+        tok_s = ASSUMED_TOK_S.get(preset, OTHER_TOK_S)
         train_s, eval_s = tokens / tok_s, evals * plan.val_tokens / (EVAL_SPEEDUP * tok_s)
         seconds = train_s + eval_s + ASSUMED_COMPILE_S + ASSUMED_START_S
         total += seconds
@@ -116,12 +134,17 @@ def check_data(data_dir: str, plan: Plan) -> int:
     return min(plan.val_tokens // plan.tokens_per_step, windows["val"]) * plan.tokens_per_step
 
 
+def realigns(preset: str) -> bool:
+    """Whether the preset's run takes --align-docs 0: the same rows as the others (see the docstring)."""
+    return PRESET_VALUES[preset].get("align_docs", "0") != "0"
+
+
 def train_command(preset: str, plan: Plan, data_dir: str, log_dir: str, device: str) -> list[str]:
     """The train_gpt2.py command line of one preset's run."""
     flags = {"--batch-size": plan.batch_size, "--seq-len": plan.seq_len, "--total-batch-size": plan.tokens_per_step,
              "--max-steps": plan.steps, "--warmup-steps": plan.warmup, "--val-every": plan.val_every,
              "--val-tokens": plan.val_tokens, "--checkpoint-every": 0, "--hellaswag-every": 0, "--sample-every": 0}
-    if PRESET_VALUES[preset].get("align_docs", "0") != "0":  # the same rows as the others (see the docstring)
+    if realigns(preset):
         flags["--align-docs"] = 0
     return [sys.executable, str(ROOT / "train_gpt2.py"), "--preset", preset, "--data-dir", data_dir,
             "--log-dir", log_dir, "--run-name", preset, "--device", device,
@@ -190,10 +213,13 @@ def fmt_tokens(n: float) -> str:
 
 
 def summary_table(results: dict[str, dict]) -> list[str]:
-    """One row per preset: speed, final val loss, and the tokens and seconds to the baseline's final val loss."""
-    base = results.get(BASELINE, {}).get("curve")
+    """One row per preset: speed, final val loss, and the tokens and seconds to the baseline's final val loss; the
+    baseline is the first preset of results (they are in --presets' order)."""
+    baseline = next(iter(results))
+    base = results[baseline]["curve"]
     target = base[-1][3] if base else None
-    rows = ["| " + " | ".join(SUMMARY) + " |", "|" + "---|" * len(SUMMARY)]
+    header = [column.format(baseline=baseline) for column in SUMMARY]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for preset, r in results.items():
         reached = reach(r["curve"], target) if target is not None else None
         tokens, seconds = ("no baseline",) * 2 if target is None else ("not reached",) * 2
@@ -218,13 +244,13 @@ def curve_table(results: dict[str, dict]) -> list[str]:
     return rows
 
 
-def run_all(args, plan: Plan, out: Path) -> dict[str, dict]:
-    """Every preset's run, one after the other, in a temporary folder under --log-dir (the loop's final checkpoint
-    is not kept): preset -> read_run's figures, wall_s and error."""
+def run_all(args, presets: list[str], plan: Plan, out: Path) -> dict[str, dict]:
+    """Every preset's run, one after the other in the order listed, in a temporary folder under --log-dir (the loop's
+    final checkpoint is not kept): preset -> read_run's figures, wall_s and error."""
     results = {}
     os.makedirs(args.log_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.log_dir) as tmp:
-        for preset in PRESETS:
+        for preset in presets:
             cmd = train_command(preset, plan, args.data_dir, tmp, args.device)
             wall, error = run_preset(cmd, Path(tmp) / preset, out / "runs" / preset, args.run_timeout)
             results[preset] = {**read_run(out / "runs" / preset / "metrics.jsonl"), "wall_s": wall, "error": error}
@@ -243,25 +269,29 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, then run it tiny (6 steps)")
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds one preset's run may take")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="the 124M presets to train, comma-separated, "
+                        f"in this order, the first one the baseline (default: %(default)s): {', '.join(CHOICES)}")
     args = parser.parse_args(argv)
+    presets = parse_presets(args.presets)
     device = pick_device(args.device)
     if device.type != "cuda" and not args.dry_run:
         raise SystemExit(f"gpu_quality.py measures a CUDA GPU, and --device {args.device} is {device}: on a "
                          "machine without one, check the script with --dry-run --device cpu")
     plan = DRY if args.dry_run else FULL
-    plan_lines = budget(FULL)
+    plan_lines = budget(FULL, presets)
     print("\n".join(plan_lines), file=sys.stderr, flush=True)
     val_tokens = check_data(args.data_dir, plan)
     gpt2_tokenizer()  # before any run: the loop needs it (TIKTOKEN_CACHE_DIR), and stops without it
     out = Path(args.out)
-    results = run_all(args, plan, out)
+    results = run_all(args, presets, plan, out)
 
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (dry run: tiny runs)"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    schedules = ", ".join(f"{p} {PRESET_VALUES[p].get('schedule', TrainConfig.schedule)}" for p in PRESETS)
-    ran = (f"ran: {plan.steps} steps x {plan.tokens_per_step:,} tokens, warm-up {plan.warmup} steps, then {schedules} "
-           f"(the speedrun with --align-docs 0), val every {plan.val_every} steps on {val_tokens:,} tokens of "
-           f"{args.data_dir}")
+    schedules = ", ".join(f"{p} {PRESET_VALUES[p].get('schedule', TrainConfig.schedule)}" for p in presets)
+    realigned = [p for p in presets if realigns(p)]
+    aligned = f" ({', '.join(realigned)} with --align-docs 0)" if realigned else ""
+    ran = (f"ran: {plan.steps} steps x {plan.tokens_per_step:,} tokens, warm-up {plan.warmup} steps, then {schedules}"
+           f"{aligned}, val every {plan.val_every} steps on {val_tokens:,} tokens of {args.data_dir}")
     markdown = [f"## gpu_quality: {label}, torch {torch.__version__}, {date}", "", *plan_lines, ran, "",
                 *summary_table(results), "", *curve_table(results)]
     out.mkdir(parents=True, exist_ok=True)
