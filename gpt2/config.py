@@ -152,19 +152,13 @@ MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv
 # and of the 2025-26 records' the one that won the "speedrun2026" suite on both corpora: the head tied to the
 # table, then untied at 2/3 of the steps as modded-nanogpt does (BENCHMARKS.md, "Session 7").
 SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True, tie_head=True, untie_at=0.667)
-# The constrained modes at their best lr on the tiny model, on its own schedule: the `tuned` sweeps at 150 steps
-# (BENCHMARKS.md, "Session 8"), where at their papers' settings (the `roadmap` suite) both lost to the baseline
+# The roadmap's winners at their `tuned` best lr (150 steps, BENCHMARKS.md "Session 7" and "Session 8"), used on
+# tiny's own 300-step schedule (the `presets` suite checks them there); at 124M each as its paper scales (README)
 EDM2 = dict(mode="edm2", max_lr=9.6e-2)  # 8x EDM2-XS's lr at the same width (128)
 HYPERSPHERE = dict(mode="hypersphere", max_lr=2.4e-2)  # 16x nGPT's 1.5e-3
-# At 124M: EDM2 scales its lr as 1 / sqrt(width) (NVlabs/edm2 train_edm2.py @ 4bf8162: channels 64 -> 0.0170, 128
-# -> 0.0120, ..., 448 -> 0.0065), so 768 wide takes the tiny lr x sqrt(128 / 768). nGPT has no width rule: it
-# sweeps each size (NVIDIA/ngpt hyperparams.png @ ed19eb2, 0.5B at 1k context: best 2.5e-3 at 10k steps, 1.5e-3 to
-# 2e-3 at 50k), so the 124M's 19k steps take 2e-3 from there
-EDM2_124M = dict(EDM2, max_lr=3.9e-2)
-HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)
-# Manifold Muon at the docs corpus's best lr (tiny-shakespeare's was 0.03; 0.06 costs 0.05 there). Weights and steps
-# both have spectral norm fixed (1 and the lr) at any width ("Modular Manifolds"), so 124M takes the same lr
-MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)
+MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)  # docs' best (tiny-shakespeare's: 0.03)
+EDM2_124M = dict(EDM2, max_lr=round(EDM2["max_lr"] * (128 / 768) ** 0.5, 4))  # EDM2's lr goes as 1 / sqrt(width)
+HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)  # nGPT has no width rule: its own best near 0.5B, 19k steps
 PRESETS = {
     "gpt2-124m": {},
     "gpt2-124m-modern": MODERN,

@@ -122,10 +122,20 @@ def test_every_suite_config_is_a_valid_train_config(suite):
         as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.flags(switches), "--run-name", "x"])
         preset, _ = config.parse_config(["--preset", name, "--run-name", "x"])
         assert as_flags == preset
-    # and the presets suite's configs are exactly their presets
-    for name in ("edm2", "hypersphere", "manifold"):
-        as_flags, _ = config.parse_config(["--preset", "tiny", *ablate.SUITES["presets"][name], "--run-name", "x"])
-        assert as_flags == config.parse_config([f"--preset=tiny-{name}", "--run-name", "x"])[0]
+
+
+def test_presets_suite_runs_the_presets_and_roadmap_the_papers_settings():
+    def train_config(*argv):
+        return config.parse_config([*argv, "--run-name", "x"])[0]
+    for name in ("edm2", "hypersphere", "manifold"):  # each presets config is its tiny preset
+        assert train_config("--preset", "tiny", *ablate.SUITES["presets"][name]) == train_config(f"--preset=tiny-{name}")
+    # the roadmap's rows at the papers' values (EDM2: NVlabs/edm2 train_edm2.py edm2-img512-xs; nGPT's paper),
+    # EDM2's t_ref and ramp scaled to 300 steps
+    edm2 = train_config("--preset", "tiny", *ablate.SUITES["roadmap"]["edm2"])
+    assert (edm2.model.mode, edm2.schedule, edm2.beta2, edm2.weight_decay, edm2.max_lr, edm2.decay_ref_steps,
+            edm2.warmup_steps) == ("edm2", "invsqrt", 0.99, 0.0, 1.2e-2, 20, 2)
+    sphere = train_config("--preset", "tiny", *ablate.SUITES["roadmap"]["hypersphere"])
+    assert (sphere.model.mode, sphere.warmup_steps, sphere.weight_decay, sphere.max_lr) == ("hypersphere", 0, 0.0, 1.5e-3)
 
 
 def val_run(losses: list[float], every: int = 10) -> dict[str, list[dict]]:

@@ -334,7 +334,7 @@ def test_ema_is_evaluated_logged_and_resumed_exactly(shards, tmp_path):
     ("tiny-hypersphere", dict(mode="hypersphere", max_lr=2.4e-2)),
     ("tiny-manifold", dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)),
 ])
-def test_roadmap_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expected):
+def test_constrained_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expected):
     cfg, _ = config.parse_config(["--preset", preset])
     values = {**vars(cfg), **vars(cfg.model)}
     assert {k: values[k] for k in expected} == expected
@@ -345,14 +345,20 @@ def test_roadmap_presets_take_their_tuned_lr_on_the_tiny_schedule(preset, expect
     assert preset in config.PRESET_DATA  # the data hint of a missing data_dir covers it
 
 
-def test_roadmap_124m_presets_scale_as_their_papers():
-    edm2, _ = config.parse_config(["--preset", "gpt2-124m-edm2"])
-    # EDM2's lr goes as 1 / sqrt(width): 9.6e-2 at 128 wide, x sqrt(128 / 768) = 0.0392 at 768
-    assert edm2.model.mode == "edm2" and edm2.model.n_embd == 768 and edm2.max_lr == pytest.approx(0.0392, rel=0.01)
-    sphere, _ = config.parse_config(["--preset", "gpt2-124m-hypersphere"])
-    assert sphere.model.mode == "hypersphere" and sphere.max_lr == 2e-3  # nGPT's own best near this size and horizon
-    manifold, _ = config.parse_config(["--preset", "gpt2-124m-manifold"])
-    assert (manifold.muon_manifold, manifold.muon_lr) == ("stiefel", 0.06)  # spectral norms: the lr is width-free
-    gpt2 = config.parse_config([])[0]
-    for cfg in (edm2, sphere, manifold):  # otherwise GPT-2's run
-        assert (cfg.max_steps, cfg.total_batch_size, cfg.schedule) == (gpt2.max_steps, gpt2.total_batch_size, "cosine")
+def test_124m_constrained_presets_scale_their_tiny_lr_as_their_papers():
+    def cfg(preset):
+        return config.parse_config(["--preset", preset])[0]
+    # EDM2's configs (NVlabs/edm2 train_edm2.py): lr x (width ratio) ** -0.5, from 128 wide to GPT-2's 768
+    assert cfg("gpt2-124m-edm2").model.mode == "edm2" and cfg("gpt2-124m-edm2").model.n_embd == 768
+    assert cfg("gpt2-124m-edm2").max_lr == pytest.approx(cfg("tiny-edm2").max_lr * math.sqrt(128 / 768), rel=1e-3)
+    # manifold Muon: weights and steps at fixed spectral norms, so the tiny lr as it is
+    assert cfg("gpt2-124m-manifold").muon_lr == cfg("tiny-manifold").muon_lr
+    assert cfg("gpt2-124m-manifold").muon_manifold == "stiefel"
+    # nGPT sweeps each size: its 0.5B bests 2.5e-3 (10k steps), 1.5e-3 to 2e-3 (50k) (NVIDIA/ngpt hyperparams.png)
+    assert cfg("gpt2-124m-hypersphere").model.mode == "hypersphere"
+    assert 1.5e-3 <= cfg("gpt2-124m-hypersphere").max_lr <= 2.5e-3
+    gpt2 = cfg("gpt2-124m")
+    for preset in ("gpt2-124m-edm2", "gpt2-124m-hypersphere", "gpt2-124m-manifold"):  # otherwise GPT-2's run
+        c = cfg(preset)
+        assert (c.max_steps, c.total_batch_size, c.schedule, c.warmup_steps) == (
+            gpt2.max_steps, gpt2.total_batch_size, gpt2.schedule, gpt2.warmup_steps)

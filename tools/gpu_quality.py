@@ -21,9 +21,9 @@ Carry `data` (31 MB, under the 64 MiB) to the GPU machine and run there with TIK
 That is 1.05M val tokens (16 batches, all evaluated) and 13.7M train tokens: 209 steps of 65,536, so the 200 steps
 below never repeat a train token (check_data refuses shards too small for the plan, and says how to build them).
 
-The plan, the same for every preset: 200 steps of 65,536 tokens (B=64, T=1024, no gradient accumulation),
-13.1M tokens each; a 20-step warm-up (10%), then each preset's own schedule shape on the 200 steps: cosine down
-to 10% of the peak for gpt2-124m, edm2 and hypersphere, wsd (flat, then linear down to 10% over the last 20%) for
+The plan, the same for every preset: 200 steps of 65,536 tokens (B=64, T=1024, no gradient accumulation), 13.1M
+tokens each; a 20-step warm-up (10%), then each preset's own schedule shape on the 200 steps: cosine down to 10% of
+the peak for gpt2-124m, edm2, hypersphere and manifold, wsd (flat, then linear down to 10% over the last 20%) for
 modern and speedrun; the presets' peak learning rates. The speedrun runs with --align-docs 0, so that all train on
 the same rows: its preset's pack lays this corpus's ~3,100-token documents out in other rows (and crop would keep
 only the first 1025 tokens of each, 38 batches of the 209, 2.5M of the 13.7M tokens, and repeat them 5 times).
@@ -33,7 +33,8 @@ B=64: 481k), so 13.1M tokens take ~29 s; modern and speedrun are assumed slower,
 train-step rows measure them); plus ~60 s each for the compile (assumed; the loop's first step took 29 s for
 gpt2-124m), 9 evaluations of 1M tokens at ~3x the training speed (~7 s) and ~10 s of start-up: ~106 + 2 x 115 s,
 about 5.6 minutes in all (budget() prints it, also in the dry run). A run is stopped after --run-timeout s.
-Any other 124M preset (edm2, hypersphere) is assumed at 350k tok/s too, the figure argued for modern and speedrun.
+Any other 124M preset (edm2, hypersphere, manifold) is assumed at 350k tok/s too, unmeasured: manifold Muon's
+fp32 polar iterations (10 dual steps per matrix) may well make it slower than that.
 """
 
 import argparse
@@ -58,7 +59,7 @@ from plot_logs import load_run, plot_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]  # --presets' default, in the order they run
-CHOICES = [p for p in PRESET_VALUES if not p.startswith("tiny")]  # the tiny presets set a 4-layer model: not 124M
+CHOICES = [p for p in PRESET_VALUES if p.startswith("gpt2-124m")]
 ASSUMED_TOK_S, OTHER_TOK_S = {"gpt2-124m": 450_000}, 350_000  # one H100 (see the docstring)
 ASSUMED_COMPILE_S, ASSUMED_START_S, EVAL_SPEEDUP = 60, 10, 3  # an evaluation is a forward pass only: ~3x faster
 RECIPE = ("build the shards with `python fineweb_edu.py --source ../shared/data/docs --out data/docs --max-tokens "
