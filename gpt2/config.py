@@ -152,11 +152,11 @@ MODERN = dict(optimizer="muon", schedule="wsd", pos="rope", tie_head=False, n_kv
 # and of the 2025-26 records' the one that won the "speedrun2026" suite on both corpora: the head tied to the
 # table, then untied at 2/3 of the steps as modded-nanogpt does (BENCHMARKS.md, "Session 7").
 SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, unet=True, tie_head=True, untie_at=0.667)
-# The roadmap's winners at their `tuned` best lr (150 steps, BENCHMARKS.md "Session 7" and "Session 8"), used on
-# tiny's own 300-step schedule (the `presets` suite checks them there); at 124M each as its paper scales (README)
-EDM2 = dict(mode="edm2", max_lr=9.6e-2)  # 8x EDM2-XS's lr at the same width (128)
-HYPERSPHERE = dict(mode="hypersphere", max_lr=2.4e-2)  # 16x nGPT's 1.5e-3
-MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.06)  # docs' best (tiny-shakespeare's: 0.03)
+# The roadmap's winners at their best lr on tiny's own 300 steps (the `presets` suite's sweep, BENCHMARKS.md
+# "Session 8": half the 150-step `tuned` sweep's); at 124M each as its paper scales (README)
+EDM2 = dict(mode="edm2", max_lr=4.8e-2)  # 4x EDM2-XS's lr at the same width (128)
+HYPERSPHERE = dict(mode="hypersphere", max_lr=1.2e-2)  # 8x nGPT's 1.5e-3
+MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.03)
 EDM2_124M = dict(EDM2, max_lr=round(EDM2["max_lr"] * (128 / 768) ** 0.5, 4))  # EDM2's lr goes as 1 / sqrt(width)
 HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)  # nGPT has no width rule: its own best near 0.5B, 19k steps
 PRESETS = {
