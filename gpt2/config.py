@@ -157,7 +157,8 @@ SPEEDRUN = dict(MODERN, doc_mask=True, align_docs="pack", value_embeds=True, une
 EDM2 = dict(mode="edm2", max_lr=4.8e-2)  # 4x EDM2-XS's lr at the same width (128)
 HYPERSPHERE = dict(mode="hypersphere", max_lr=1.2e-2)  # 8x nGPT's 1.5e-3
 MANIFOLD = dict(optimizer="muon", muon_manifold="stiefel", muon_lr=0.03)
-EDM2_124M = dict(EDM2, max_lr=round(EDM2["max_lr"] * (128 / 768) ** 0.5, 4))  # EDM2's lr goes as 1 / sqrt(width)
+# EDM2's lr goes as 1 / sqrt(width): from the tiny model's to GPT-2's
+EDM2_124M = dict(EDM2, max_lr=round(EDM2["max_lr"] * (TINY["n_embd"] / GPTConfig.n_embd) ** 0.5, 4))
 HYPERSPHERE_124M = dict(HYPERSPHERE, max_lr=2e-3)  # nGPT has no width rule: its own best near 0.5B, 19k steps
 PRESETS = {
     "gpt2-124m": {},
