@@ -36,6 +36,25 @@ from model import GPT, MLP, Block, GPTConfig
 ROW_ALIGN = 16
 
 
+def grouped_mm_traces(dtype: torch.dtype) -> bool:
+    """Whether torch.compile can trace torch._grouped_mm in dtype: torch 2.11's shape function takes bf16 only."""
+    a = torch.empty(ROW_ALIGN, ROW_ALIGN, dtype=dtype, device="meta")
+    try:
+        torch._grouped_mm(a, a[None].mT, offs=torch.full((1,), ROW_ALIGN, dtype=torch.int32, device="meta"))
+    except RuntimeError:
+        return False
+    return True
+
+
+GROUPED_MM_TRACES = tuple(dt for dt in (torch.float32, torch.float16, torch.bfloat16) if grouped_mm_traces(dt))
+
+
+@torch._disable_dynamo  # torch.compiler.disable that imports dynamo when first called, not with this module
+def grouped_mm_outside_graph(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm run eagerly from compiled code, for the dtypes it cannot trace: a graph break, not an error."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 def expert_matmul(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Row block g of a (R, K) times w[g].T, w (E, O, K) stacked nn.Linear weights, offs (E,) int32 the blocks'
     ends: one torch._grouped_mm. Its kernels need every stride a multiple of 16 bytes, so K and O are padded
@@ -44,7 +63,8 @@ def expert_matmul(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch
     k_pad, o_pad = -a.size(1) % align, -w.size(1) % align
     if k_pad or o_pad:
         a, w = F.pad(a, (0, k_pad)), F.pad(w, (0, k_pad, 0, o_pad))
-    return torch._grouped_mm(a, w.mT, offs=offs)[:, : w.size(1) - o_pad]
+    grouped_mm = torch._grouped_mm if a.dtype in GROUPED_MM_TRACES else grouped_mm_outside_graph
+    return grouped_mm(a, w.mT, offs=offs)[:, : w.size(1) - o_pad]
 
 
 class MoE(nn.Module):

@@ -31,7 +31,7 @@ def test_dry_run_prints_every_row(tmp_path, capsys):
     assert out.startswith(f"## gpu_check: cpu (dry run), torch {torch.__version__}")
     rows = table_rows(out)
     assert [(check, setting.split(",")[0]) for check, setting, _, _ in rows] == [
-        ("cuda tests", "`pytest -m cuda -q`"),
+        ("cuda tests", "`pytest -m cuda -q tests/test_cuda.py`"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("train step", "gpt2-124m (tiny) B=4 T=32"),
         ("train step", "gpt2-124m-modern (tiny) B=2 T=32"), ("train step", "gpt2-124m-modern (tiny) B=4 T=32"),
         ("train step", "gpt2-124m-speedrun (tiny) B=2 T=32"), ("train step", "gpt2-124m-speedrun (tiny) B=4 T=32"),

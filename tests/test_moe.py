@@ -1,8 +1,8 @@
-"""Mixture of experts (moe.py): the grouped evaluation against a per-token float64 loop and the dense reference
-(values and gradients, an unrouted expert included), the row layout by hand, bf16 autocast, one expert is the
-dense MLP, the balancing bias does what DeepSeek-V3's rule says, FLOPs count the active experts, DDP equals
-gradient accumulation bit for bit, torch.compile traces once for any routing, the KV cache and exact resume hold
-(torch.compile against eager: test_arch.py)."""
+"""Mixture of experts (moe.py): the grouped evaluation against a per-token float64 loop and the dense reference (values
+and gradients, an unrouted expert included), the row layout by hand, bf16 autocast, one expert is the dense MLP, the
+balancing bias does what DeepSeek-V3's rule says, FLOPs count the active experts, DDP equals gradient accumulation
+bit for bit, torch.compile traces once for any routing (and where it cannot trace the grouped matmul, runs it
+eagerly with the same results), the KV cache and exact resume hold (torch.compile against eager: test_arch.py)."""
 
 import copy
 import json
@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_gpt2
 from conftest import spawn_ranks
 from gpt2.models import build_model
-from gpt2.moe import ROW_ALIGN, MoE, MoEGPT
+from gpt2 import moe
+from gpt2.moe import GROUPED_MM_TRACES, ROW_ALIGN, MoE, MoEGPT
 from gpt2.muon import Muon
 from model import GPT, GPTConfig
 
@@ -302,12 +303,14 @@ def test_compiled_moe_traces_once_for_any_routing():
     compiled = torch.compile(model, backend=backend)
     g = torch.Generator().manual_seed(3)
     frames, choices = [], []
+    bf16 = torch.float32 not in GROUPED_MM_TRACES  # torch 2.11 traces the grouped matmul in bf16 only
     for step in range(4):
         if step == 2:  # an expert no token chooses: an empty block must not change the graph
             model.moe_layers()[0].route_bias[5] = -100.0
         for _ in range(2):  # micro-batches: step_counts None, then a tensor
             x = torch.randint(0, 512, (2, 16), generator=g)
-            compiled(x, x, return_logits=False)[1].backward()
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                compiled(x, x, return_logits=False)[1].backward()
         choices.append(model.moe_layers()[0].step_counts.tolist())
         model.after_step()
         frames.append(backend.frame_count)
@@ -316,3 +319,24 @@ def test_compiled_moe_traces_once_for_any_routing():
     # traced in the first step only: for its first micro-batch (step_counts None) and its second (a tensor)
     assert frames == [2, 2, 2, 2]
     assert not counters["graph_break"]
+
+
+def test_compiled_moe_runs_the_grouped_matmul_eagerly_where_it_cannot_trace(monkeypatch):
+    # as on torch 2.11, whose compiler traces torch._grouped_mm in bf16 only: float32 breaks the graph instead
+    monkeypatch.setattr(moe, "GROUPED_MM_TRACES", (torch.bfloat16,))
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(**{**DDP_CONFIG, "n_layer": 1}), loss_chunk_elements=0)
+    x = torch.randint(0, 512, (2, 16))
+    eager = model(x, x, return_logits=False)[1]
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")(x, x, return_logits=False)[1]
+    compiled.backward()
+    torch._dynamo.reset()
+    assert counters["graph_break"]  # the grouped matmuls ran outside the graph
+    assert abs(compiled.item() - eager.item()) < 1e-5
+    for p, g in zip(model.parameters(), eager_grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
