@@ -33,7 +33,7 @@ point again, but does not tokenize them; a hub download resume skips the parquet
 manifest records the files, and the rows of each) and keeps the files already downloaded.
 
 Speed: batches of ~1 MB of documents are tokenized on --workers processes (default: all cores); a tqdm bar
-shows tokens/s live and the rate is printed at the end. bench_tokenize.py compares it with a naive
+shows tokens/s live and the rate is printed at the end. `python -m tools.bench_tokenize` compares it with a naive
 one-document-per-task Pool.imap.
 """
 

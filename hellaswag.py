@@ -6,12 +6,12 @@ with the lowest summed loss, acc_norm the one with the lowest mean loss per toke
 the usual GPT-2 124M reference: acc 0.2859, acc_norm 0.2955 on the 10,042 validation examples).
 
 Scoring is batched: the endings of many examples go through one forward pass, padded to a few fixed
-shapes so that a torch.compile'd model compiles once, not once per batch. Under DDP each rank scores
-every world_size-th example and the counts are summed over ranks.
+lengths. Under DDP each rank scores every world_size-th example and the counts are summed over ranks.
+Scoring runs eagerly, even on the training loop's compiled model (see score_endings).
 
-    python hellaswag.py --model gpt2                  # OpenAI weights (HF name or local HF directory)
-    python hellaswag.py --checkpoint log/model.pt     # a checkpoint of train_gpt2.py
-    torchrun --nproc_per_node 8 hellaswag.py --model gpt2 --dtype bfloat16 --compile
+    python hellaswag.py --model gpt2                          # OpenAI weights (HF name or local HF directory)
+    python hellaswag.py --checkpoint logs/<run>/ckpt_<step>.pt   # a checkpoint of train_gpt2.py
+    torchrun --nproc_per_node 8 hellaswag.py --model gpt2 --dtype bfloat16
 """
 
 import functools
@@ -38,7 +38,7 @@ URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_
 SPLITS = ("train", "val", "test")
 N_ENDINGS = 4
 # Padded sequence lengths are multiples of this (HellaSwag needs at most 3 of them with GPT-2 tokens), and
-# the number of rows per forward depends only on the padded length: a compiled model sees a few shapes.
+# the number of rows per forward depends only on the padded length: the forwards have a few shapes.
 PAD_MULTIPLE = 64
 # Tokens per forward pass (rows x padded length) when the caller does not say. On an H100, GPT-2 124M in
 # bf16 scored as fast with 16k as with 32k or 64k (peak 3.9 GiB against 7 and 13: the logits dominate);
@@ -122,7 +122,8 @@ def example_rows(example: dict, block_size: int | None) -> list[tuple[tuple[int,
     block_size + 1 tokens (the model reads all but the last) loses context tokens from the left; the ending
     is always scored whole, after at least one context token."""
     if len(example["endings"]) != N_ENDINGS:
-        raise ValueError(f"HellaSwag example {example.get('ind')} has {len(example['endings'])} endings, not {N_ENDINGS}")
+        raise ValueError(f"HellaSwag example {example.get('ind')} has {len(example['endings'])} endings, "
+                         f"not {N_ENDINGS}")
     ctx, endings = _encode(example["ctx"], tuple(example["endings"]))
     if not ctx:
         raise ValueError(f"HellaSwag example {example.get('ind')} has an empty context")
@@ -268,7 +269,6 @@ def main(argv: list[str] | None = None):
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the forward")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tokens-per-batch", type=int, help="tokens per forward pass (default by device type)")
     args = p.parse_args(argv)
     try:  # first, so that missing data is reported before any model is loaded
@@ -282,8 +282,6 @@ def main(argv: list[str] | None = None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     model = model.to(d.device).eval()
-    if args.compile:
-        model = torch.compile(model)
     result = evaluate(model, examples, d.device, rank=d.rank, world_size=d.world_size,
                       dtype=autocast_dtype(args.dtype, d.device), tokens_per_batch=args.tokens_per_batch,
                       progress=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.attention import EOT, AttentionMask, attention, attention_mask, yarn  # noqa: F401 (EOT: for importers)
+from gpt2.attention import AttentionMask, attention, attention_mask, yarn
 from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
@@ -53,9 +53,10 @@ class GPTConfig:
     rope_beta_slow: float = 1.0  # ... below which it is divided by rope_factor (interpolated); a ramp between
     rope_original_context: int = 4096  # the context the rotations are counted over (the one trained at)
     mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (width 8/3 n_embd: as many weights) | swiglu-oss (gpt-oss)
-    # mixture of experts (moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width) / top_k,
-    # each token goes to its top_k; 0 = the dense MLP. top_k >= 2: with 1 the router gets no gradient (softmax of
-    # one weight), so it is refused, except for a single expert (the dense MLP, where no routing is left to learn)
+    # mixture of experts (gpt2/moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width)
+    # / top_k, each token goes to its top_k; 0 = the dense MLP. top_k >= 2: with 1 the router gets no gradient
+    # (softmax of one weight), so it is refused, except for a single expert (the dense MLP, where no routing is
+    # left to learn)
     moe_experts: int = 0
     moe_top_k: int = 2
     moe_bias_rate: float = 0.001  # aux-loss-free balancing: routing-bias step per optimizer step (DeepSeek-V3's gamma)

@@ -400,7 +400,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        self.raw_model.after_step()  # edm2 / hypersphere: constrained weights back on their spheres
+        self.raw_model.after_step()  # edm2 / hypersphere: weights back on their spheres; experts: routing biases
         tokens_after = self.tokens_before[self.step + 1]
         for ema in self.emas:  # the EMA's time is tokens: a step of a batch ramp weighs what it trained on
             ema.update(self.step + 1, tokens_after, tokens_after - self.tokens())

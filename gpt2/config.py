@@ -34,8 +34,9 @@ class TrainConfig:
     # 1 (when it was a switch) = crop
     align_docs: str = choice(*ALIGN_MODES, legacy={False: "0", True: "crop", "1": "crop"})
     shuffle: bool = False  # train shards and windows in a seeded random order per epoch
-    # the model: every GPTConfig field (model.py) is a flag too (--n-layer 4, --norm rmsnorm, ...); block_size =
-    # seq_len, and the vocabulary is padded 50257 -> 50304 rows for faster matmuls (padded ids are never predicted)
+    # the model: every GPTConfig field (model.py) but two is a flag too (--n-layer 4, --norm rmsnorm, ...):
+    # block_size = seq_len, and vocab_size is GPT-2's, padded 50257 -> 50304 rows for faster matmuls (padded ids
+    # are never predicted)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_multiple=128))
     # batch: total_batch_size tokens per optimizer step = batch_size * seq_len * world_size * accumulation
     batch_size: int = 64  # sequences per micro-batch and process: lower it when out of memory

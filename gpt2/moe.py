@@ -14,14 +14,14 @@ Chosen over a Switch-style auxiliary loss because it adds no gradient that compe
 loss (DeepSeek-V3 reports better models for it), needs no loss plumbing, and leaves the logged loss pure
 cross-entropy, comparable with the dense runs.
 
-Dropless, and each expert computes only its own tokens: the (token, choice) pairs are sorted by expert into
-one row block per expert and each expert's matrices multiply their block, all experts in one
-torch._grouped_mm (CUTLASS's grouped GEMM for bf16 on sm90+; a loop of matmuls inside torch elsewhere). The
-shapes are static (N tokens x k choices, plus a fixed padding: see sort_by_expert), so torch.compile traces
-one graph for any routing, and every expert's weights enter every graph through one torch.stack, so an expert
-no token chose still gets a (zero) gradient and DDP needs no find_unused_parameters. dense_reference is the
-earlier evaluation, every expert on every token (E / k times the FLOPs), kept as the reference that the tests
-and tools/bench.py compare with.
+Dropless, and each expert computes only its own tokens: the (token, choice) pairs are sorted by expert into one row
+block per expert and each expert's matrices multiply their block, all experts in one torch._grouped_mm (CUTLASS's
+grouped GEMM for bf16 on sm90+; a loop of matmuls inside torch elsewhere). The shapes are static (N tokens x k
+choices, plus a fixed padding: see sort_by_expert), so torch.compile traces one graph for any routing (in a dtype
+whose grouped matmul it can trace: see GROUPED_MM_TRACES), and every expert's weights enter every graph through one
+torch.stack, so an expert no token chose still gets a (zero) gradient and DDP needs no find_unused_parameters.
+dense_reference is the earlier evaluation, every expert on every token (E / k times the FLOPs), kept as the
+reference that the tests and tools/bench.py compare with.
 """
 
 import torch

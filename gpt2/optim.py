@@ -1,5 +1,6 @@
-"""The optimizers and what changes with the step: the lr schedule (and Muon's momentum warm-up), and the
-speedruns' batch and window ramps. All are functions of the step alone, so a resumed run follows them exactly.
+"""The optimizers and what changes with the step: the lr schedule (and Muon's momentum warm-up), the
+speedruns' batch and window ramps, and multi-token prediction's loss weights. All are functions of the step
+alone, so a resumed run follows them exactly.
 
 AdamW's parameters play roles (param_roles), and each role may have its own peak lr, betas and weight decay
 (TrainConfig's adam_<role>_lr, _beta1, _beta2, _wd): the anchors train embeddings, head and scalars at 10-1000x a

@@ -1,7 +1,7 @@
 """The run folder, logs/<run>/: its lock, its checkpoints (saved atomically with a sha256, checked on load, a bad
 one skipped for the one before), moving an old run aside, and the checks that a resumed run is the same run (its
-settings, its data). Also the one path from a checkpoint file back to a model, for hellaswag.py, sample.py and
-ema.py (load_model)."""
+settings, its data). Also the one path from a checkpoint file back to a model: load_model for hellaswag.py and
+sample.py, model_from_config (the model its config builds) for gpt2/ema.py."""
 
 import fcntl
 import glob

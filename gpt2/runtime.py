@@ -1,6 +1,7 @@
 """What every script shares at run time: the device and its autocast dtype (and, without CUDA, why), peak FLOPs
-for MFU, torchrun's process group, rank-0 printing (and a stopping message once per run), atomic file writes.
-Imports only torch and the standard library."""
+for MFU, torchrun's process group, rank-0 printing (and a stopping message once per run), stop signals
+(StopRequest), the one-line argument errors (OneLineParser), atomic file writes and their sha256, and loading a
+torch file with a clear error. Imports only torch and the standard library."""
 
 import argparse
 import contextlib

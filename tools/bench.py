@@ -6,8 +6,8 @@
     python -m tools.bench --device cpu --moe-experts 8 --mlp swiglu-oss --moe both  # experts: grouped vs dense
 
 
-Prints median step time, tokens/s, MFU (device peak from model.py's table) and peak memory, with and
-without torch.compile, after warm-up steps; then the loader's batches/s, to show the GPU never waits on data.
+Prints median step time, tokens/s, MFU (device peak from gpt2/runtime.py's table) and peak memory, compiled or
+not (`--compile both`: each), after warm-up steps; then the loader's batches/s, to show the GPU never waits on data.
 """
 
 import argparse
@@ -116,12 +116,12 @@ def main(argv=None):
         parser.error(f"--moe {args.moe} compares the experts' evaluations: add --moe-experts E (e.g. 8)")
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
-    print(f"{args.preset}: n_layer {cfg.model.n_layer}, n_embd {cfg.model.n_embd}, B {cfg.batch_size}, T {cfg.seq_len} | "
-          f"{label} | {dtype} | torch {torch.__version__}")
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    label = torch.cuda.get_device_name(device) if cuda else f"{device.type} ({torch.get_num_threads()} threads)"
+    print(f"{args.preset}: n_layer {cfg.model.n_layer}, n_embd {cfg.model.n_embd}, B {cfg.batch_size}, "
+          f"T {cfg.seq_len} | {label} | {dtype} | torch {torch.__version__}")
     compiles = {"auto": [cuda], "0": [False], "1": [True], "both": [False, True]}[args.compile]
     losses = {"auto": ["full" if cuda else "chunked"], "both": ["chunked", "full"]}.get(args.loss, [args.loss])
     moes = {"grouped": [False], "dense": [True], "both": [False, True]}[args.moe]
@@ -130,9 +130,11 @@ def main(argv=None):
         moe = f" | moe {'dense' if moe_dense else 'grouped':7s}" if cfg.model.moe_experts else ""
         head = f"compile {int(use_compile)} | loss {loss_mode:7s}{moe}"
         print(f"{head}: {r['step_ms']:8.1f} ms/step | {r['tok_per_s']:>10,.0f} tok/s"
-              + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
+              + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "")
+              + (f" | peak mem {r['mem_gb']:.2f} GiB" if r["mem_gb"] else ""))
     bps = bench_loader(cfg, device, args.data_dir)
-    print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s (B {cfg.batch_size}, T {cfg.seq_len})")
+    print(f"loader: {bps:,.0f} batches/s = {bps * cfg.batch_size * cfg.seq_len:,.0f} tok/s "
+          f"(B {cfg.batch_size}, T {cfg.seq_len})")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main():
           f"tokens/batch={args.tokens_per_batch or hellaswag.DEFAULT_TOKENS_PER_BATCH.get(device.type)} "
           f"threads={torch.get_num_threads()}")
 
-    # the first run pays for tokenization (then cached) and compilation; the second is the steady state
+    # the first run pays for tokenization (then cached); the second is the steady state
     for run in ("cold", "warm"):
         result = hellaswag.evaluate(fwd, examples, device, dtype=dtype, tokens_per_batch=args.tokens_per_batch)
         print(f"batched {run}: {result['examples_per_s']:.1f} examples/s ({result['count']} examples)")
@@ -62,9 +62,11 @@ def main():
         plain = hellaswag.score_one_by_one(fwd, examples[:n], device, dtype=dtype)
         sync(device)
         baseline = n / (time.perf_counter() - t0)
-        batched = hellaswag.score_endings(fwd, examples[:n], device, dtype=dtype, tokens_per_batch=args.tokens_per_batch)
+        batched = hellaswag.score_endings(fwd, examples[:n], device, dtype=dtype,
+                                          tokens_per_batch=args.tokens_per_batch)
         # the prediction of each rule (lowest summed loss, lowest mean loss) per example
-        agree = torch.stack([a.argmin(1) == b.argmin(1) for a, b in zip(plain, batched)], 1).all(1).float().mean().item()
+        agree = torch.stack([a.argmin(1) == b.argmin(1) for a, b in zip(plain, batched)], 1).all(1)
+        agree = agree.float().mean().item()
         print(f"one example per forward: {baseline:.1f} examples/s ({n} examples); "
               f"batched is {result['examples_per_s'] / baseline:.2f}x; predictions agree on {agree:.1%}")
 
