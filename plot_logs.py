@@ -114,6 +114,19 @@ def summarize(run: dict[str, list[dict]]) -> dict:
     }
 
 
+def crossing(points: list[tuple], target: float) -> tuple[int, tuple[float, ...]] | None:
+    """Where a curve of points (loss, x, ...) first gets to target or below: that point's index and its x's,
+    linear between it and the point before (the first point's own if it is there already; None: never)."""
+    for i, (loss, *xs) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return 0, tuple(float(x) for x in xs)
+            loss0, *xs0 = points[i - 1]
+            f = (loss0 - target) / (loss0 - loss)
+            return i, tuple(a + f * (b - a) for a, b in zip(xs0, xs))
+    return None
+
+
 def fmt_tokens(n) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f}B"
@@ -123,6 +136,7 @@ def fmt_tokens(n) -> str:
 
 
 def fmt_duration(seconds) -> str:
+    # gpt2.runlog.human_duration's rule, not imported: runlog imports torch, and plotting on a laptop needs none
     s = round(seconds)
     h, m, s = s // 3600, s % 3600 // 60, s % 60
     if h:

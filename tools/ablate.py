@@ -352,13 +352,8 @@ def crossing(records: list[dict], target: float) -> tuple[dict, float] | None:
     """The first val record at or below target, and the step where the val curve crosses target, linear between
     that evaluation and the one before (None: never reached)."""
     vals = [r for r in records if r.get("loss") is not None]
-    for i, r in enumerate(vals):
-        if r["loss"] <= target:
-            if i == 0:
-                return r, float(r["step"])
-            prev = vals[i - 1]
-            return r, prev["step"] + (prev["loss"] - target) / (prev["loss"] - r["loss"]) * (r["step"] - prev["step"])
-    return None
+    hit = plot_logs.crossing([(r["loss"], r["step"]) for r in vals], target)
+    return None if hit is None else (vals[hit[0]], hit[1][0])
 
 
 def _finals(runs, names) -> list[float]:

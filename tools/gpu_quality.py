@@ -55,7 +55,7 @@ from gpt2.config import PRESETS as PRESET_VALUES
 from gpt2.config import TrainConfig
 from gpt2.dataloader import SPLITS, DataError, gpt2_tokenizer, read_manifest
 from gpt2.runtime import pick_device
-from plot_logs import load_run, plot_runs
+from plot_logs import crossing, load_run, plot_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]  # --presets' default, in the order they run
@@ -194,14 +194,8 @@ def read_run(metrics: Path) -> dict:
 def reach(curve: list[tuple], target: float) -> tuple[float, float] | None:
     """(tokens, seconds) at which a val curve [(step, tokens, seconds, loss)] first gets to target or below,
     interpolated linearly between that evaluation and the one before; None if it never does."""
-    for i, (_, tokens, seconds, loss) in enumerate(curve):
-        if loss <= target:
-            if i == 0:
-                return float(tokens), float(seconds)
-            _, tokens0, seconds0, loss0 = curve[i - 1]
-            f = (loss0 - target) / (loss0 - loss)
-            return tokens0 + f * (tokens - tokens0), seconds0 + f * (seconds - seconds0)
-    return None
+    hit = crossing([(loss, tokens, seconds) for _, tokens, seconds, loss in curve], target)
+    return None if hit is None else hit[1]
 
 
 def fmt(value, spec: str, unit: str = "") -> str:
