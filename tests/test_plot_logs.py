@@ -345,3 +345,12 @@ def test_error_marks_the_run_until_a_train_record_follows(tmp_path, capsys):
     append(*_segment(rng, range(20, 22), 80.0))  # resumed again and went on: no mark
     table, err, labels = draw()
     assert "error at step" not in table["crashed"] and "error at step" not in err and "crashed" in labels
+
+
+def test_crossing_interpolates_between_the_evaluations_around_the_target():
+    curve = [(6.0, 0, 0.0), (5.0, 100, 10.0), (4.0, 200, 30.0)]  # (loss, tokens, seconds)
+    # 4.5 is half way from 5.0 (100 tokens, 10 s) to 4.0 (200 tokens, 30 s)
+    assert plot_logs.crossing(curve, 4.5) == (2, (150.0, 20.0))
+    assert plot_logs.crossing(curve, 5.0) == (1, (100.0, 10.0))
+    assert plot_logs.crossing(curve, 7.0) == (0, (0.0, 0.0))  # the first evaluation is already there
+    assert plot_logs.crossing(curve, 3.9) is None
