@@ -110,7 +110,8 @@ class Source:
                     text = path.read_bytes().decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise SystemExit(_not_utf8(path, e)) from None
-                yield from (p for p in text.split("\n\n") if p.strip()) if self.txt_docs == "paragraphs" else [text]
+                docs = text.split("\n\n") if self.txt_docs == "paragraphs" else [text]
+                yield from (d for d in docs if d.strip())  # a blank file or paragraph is no document
 
 
 def resolve_source(spec: str, txt_docs: str = "file") -> Source:
@@ -151,22 +152,25 @@ def _parquet_documents(path: Path, skip: int = 0) -> Iterator[str]:
     """The `text` of each row, from row `skip` on; the row groups before it are not read."""
     import pyarrow.parquet as pq  # needed for parquet sources only
 
-    file = pq.ParquetFile(path)
-    if "text" not in file.schema_arrow.names:
-        raise SystemExit(f"error: {path} has no 'text' column (it has {file.schema_arrow.names})")
-    groups = []
-    for i in range(file.num_row_groups):
-        rows = file.metadata.row_group(i).num_rows
-        if skip >= rows and not groups:
-            skip -= rows
-        else:
-            groups.append(i)
-    for batch in file.iter_batches(batch_size=1024, row_groups=groups, columns=["text"]):
-        if batch.column(0).null_count:
-            raise SystemExit(f"error: {path} has rows whose 'text' is null")
-        texts = batch.column(0).to_pylist()
-        yield from texts[skip:]
-        skip = max(skip - len(texts), 0)
+    try:
+        file = pq.ParquetFile(path)
+        if "text" not in file.schema_arrow.names:
+            raise SystemExit(f"error: {path} has no 'text' column (it has {file.schema_arrow.names})")
+        groups = []
+        for i in range(file.num_row_groups):
+            rows = file.metadata.row_group(i).num_rows
+            if skip >= rows and not groups:
+                skip -= rows
+            else:
+                groups.append(i)
+        for batch in file.iter_batches(batch_size=1024, row_groups=groups, columns=["text"]):
+            if batch.column(0).null_count:
+                raise SystemExit(f"error: {path} has rows whose 'text' is null")
+            texts = batch.column(0).to_pylist()
+            yield from texts[skip:]
+            skip = max(skip - len(texts), 0)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: an empty, cut or damaged file
+        raise SystemExit(f"error: {path} is not a readable parquet file ({e}): copy or download it again") from None
 
 
 def hub_folder(config: str) -> str:

@@ -76,30 +76,38 @@ def download(split: str, cache_dir: str | os.PathLike | None = None) -> Path:
 def load_examples(source: str = "val", cache_dir: str | None = None, limit: int | None = None) -> list[dict]:
     """The rows of a HellaSwag jsonl, in file order. source is a split name ('train', 'val', 'test'),
     downloaded into cache_dir, or the path of a local jsonl (read as is: copies of the data differ byte-wise,
-    so no checksum is enforced). Scoring uses the keys ctx, endings and label."""
+    so no checksum is enforced). Scoring uses the keys ctx, endings and label: a file without labels (the test
+    split) or without examples is refused here."""
     path = download(source, cache_dir) if source in SPLITS else Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{source!r} is neither a HellaSwag split ({', '.join(SPLITS)}) nor a file")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: json.loads names the line of a non-UTF-8 file (UnicodeDecodeError)
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
             if line.strip():
                 examples.append(_parse_example(line, f"{path}:{lineno}"))
+    if not examples:  # else the first evaluation fails, after the model is loaded or a run has started
+        raise ValueError(f"{path} holds no HellaSwag examples (an empty file?): delete it to download it again")
     return examples
 
 
-def _parse_example(line: str, where: str) -> dict:
-    """One jsonl line as an example, or a ValueError naming the file and line (a cut download, another dataset)."""
+def _parse_example(line: bytes, where: str) -> dict:
+    """One jsonl line as an example that evaluate() can score, or a ValueError naming the file and line (a cut
+    download, another dataset, the test split without labels) before any model is loaded or run started."""
     try:
         example = json.loads(line)
-    except ValueError:
-        raise ValueError(f"{where}: not a JSON object (a partial or corrupt file? delete it to download it "
-                         "again)") from None
+    except ValueError as e:
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not a JSON object"
+        raise ValueError(f"{where}: {what} (a partial or corrupt file? delete it to download it again)") from None
     ok = isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(example.get("endings"), list)
     if not ok or not isinstance(example.get("label", 0), int):
         raise ValueError(f"{where}: a HellaSwag example needs a string 'ctx', a list 'endings' and an int 'label'")
+    if "label" not in example:
+        raise ValueError(f"{where}: no 'label' to score against (the test split hides them): use val or train")
+    if len(example["endings"]) != N_ENDINGS or not example["ctx"]:
+        raise ValueError(f"{where}: a HellaSwag example needs {N_ENDINGS} endings and a non-empty 'ctx'")
     return example
 
 
@@ -271,6 +279,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the forward")
     p.add_argument("--tokens-per-batch", type=int, help="tokens per forward pass (default by device type)")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1, got {args.limit}")
     try:  # first, so that missing data is reported before any model is loaded
         examples = load_examples(args.data, args.cache_dir, args.limit)
     except (OSError, RuntimeError, ValueError) as e:

@@ -16,6 +16,7 @@ legend and the table, and the error's message printed.
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -247,6 +248,9 @@ def _zoom(ax, kind: str, shown: list, val_refs: list[dict]) -> None:
     """Losses: zoom on where the runs differ, past the first tenth of training (train) or the step-0 eval (val)
     that would squash every curve into a flat line at the bottom; the val panel draws the GPT-2 references that
     lie less than 1 nat below the runs (one far below would squash them as well), and takes them into its range."""
+    shown = [y for y in shown if math.isfinite(y)]  # a diverged eval logs NaN or Infinity: no axis limit there
+    if not shown:
+        return
     lo, hi = min(shown), max(shown)
     pad = 0.05 * (hi - lo) or 0.1
     near = [r for r in val_refs if lo - pad < r["loss"] + 1] if kind == "val" else []

@@ -81,7 +81,9 @@ def load_manifest(data_dir: str | Path) -> dict | None:
         manifest = json.loads(path.read_text())
         missing = [k for k in MANIFEST_KEYS if k not in manifest]
         missing += sorted({k for s in manifest["shards"] for k in SHARD_KEYS if k not in s})
-    except (ValueError, TypeError, KeyError) as e:
+        if "dtype" in manifest:
+            np.dtype(manifest["dtype"])  # a TypeError for a dtype numpy does not know
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise DataError(f"{path} is not a valid manifest ({e}); {_start_over(data_dir)}")
     if missing:
         raise DataError(f"{path} lacks {missing}; {_start_over(data_dir)}")
@@ -120,6 +122,8 @@ def check_shard(data_dir: str | Path, entry: dict, manifest: dict, verify: bool 
             size = f.seek(0, 2)
     except FileNotFoundError:
         raise DataError(f"shard {path} is missing; {fix}") from None
+    except OSError as e:  # a folder in its place, no read permission, an I/O error
+        raise DataError(f"shard {path} cannot be read ({e.strerror}): make it a readable file, or {fix}") from None
     except ValueError as e:
         raise DataError(f"shard {path} has no readable .npy header ({e}); {fix}") from None
     if dtype != np.dtype(manifest["dtype"]) or fortran or shape != (entry["tokens"],):
@@ -228,6 +232,9 @@ class ShardLoader:
                              f"got {batch_size=} {seq_len=} {rank=} {world_size=}")
         manifest = read_manifest(data_dir)
         entries = [s for s in manifest["shards"] if s["split"] == split]
+        if not entries and (split == "val" or not manifest["shards"]):  # fineweb_edu.py writes the val shard first
+            raise DataError(f"{data_dir}/{MANIFEST} lists no {split} shard, which every build has: the folder is "
+                            f"damaged; delete it and rebuild it with `{build_command(data_dir, manifest)}`")
         if not entries:
             raise DataError(f"{data_dir} has no {split} shard: the whole source fitted into the val shard. Rebuild "
                             f"it with a smaller --shard-size, and split a single .txt file with --txt-docs paragraphs "

@@ -71,16 +71,25 @@ def check_sha256(path: str) -> bool:
     return True
 
 
+# what a resume reads back from a checkpoint (save_if_due in train_gpt2.py writes them)
+RESUME_KEYS = ("model", "optimizers", "step", "loader", "rng", "elapsed", "evaluated", "config")
+
+
 def load_checkpoint(path: str) -> dict:
-    """torch.load, after checking the file against its .sha256; a file with none predates checksums (warned once)."""
+    """torch.load, after checking the file against its .sha256; a file with none predates checksums (warned once).
+    BadCheckpoint for a file that is not a training checkpoint (e.g. a model ema.py wrote)."""
     global _warned_unchecked
     if not check_sha256(path) and not _warned_unchecked:
         _warned_unchecked = True
         print0(f"warning: {path} has no .sha256 beside it (saved before checksums): loading it unchecked")
     try:
-        return load_torch_file(path)
+        ckpt = load_torch_file(path)
     except ValueError as e:
         raise BadCheckpoint(str(e)) from None
+    if missing := [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
+        raise BadCheckpoint(f"{path} is not a training checkpoint of train_gpt2.py (it lacks {missing}): a model "
+                            "alone, e.g. one ema.py wrote, cannot be resumed")
+    return ckpt
 
 
 def load_resume_checkpoint(cfg: TrainConfig, run_dir: str) -> tuple[str | None, dict | None]:
@@ -158,7 +167,11 @@ class RunLock:
 def open_run_dir(cfg: TrainConfig, run_dir: str, master: bool) -> RunLock | None:
     """Rank 0 locks the run folder, removes temp files of crashed saves, and moves an old run aside when this one
     starts over (--resume never, or a run that never saved a checkpoint)."""
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:  # a file on the path, or no write access
+        raise SystemExit(f"cannot create the run folder {run_dir} ({e.strerror}): pass a --log-dir (and --run-name) "
+                         "that names a folder you can write, not a file") from None
     if not master:
         return None
     lock = RunLock(run_dir)
@@ -239,6 +252,11 @@ def model_from_config(model_config: dict) -> GPT:
 def load_model(path: str) -> GPT:
     """The model saved in a checkpoint file, on the CPU, checked against its .sha256 as a resume checks it. A
     missing file raises FileNotFoundError, another kind of file or a corrupted one ValueError; both name the path."""
+    if os.path.isdir(path):  # a run folder: name the checkpoint to pass instead
+        ckpts = checkpoint_paths(path)
+        use = (f"e.g. its latest, {ckpts[-1]}" if ckpts
+               else "it holds none (train_gpt2.py writes logs/<run>/ckpt_<step>.pt)")
+        raise IsADirectoryError(f"{path} is a folder: pass one checkpoint file, {use}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (train_gpt2.py writes logs/<run>/ckpt_<step>.pt)")
     try:
@@ -249,10 +267,9 @@ def load_model(path: str) -> GPT:
         use = f"use the previous checkpoint, {earlier[-1]}" if earlier else "use another checkpoint of the run"
         raise BadCheckpoint(f"{e}: {use}, or copy this one again if it came from elsewhere") from None
     ckpt = load_torch_file(path)  # names a file that is not a checkpoint
-    try:
-        state, config = ckpt["model"], ckpt["model_config"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a training checkpoint: expected keys 'model' and 'model_config'") from e
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):  # e.g. a bare tensor or list
+        raise ValueError(f"{path} is not a training checkpoint: expected keys 'model' and 'model_config'")
+    state, config = ckpt["model"], ckpt["model_config"]
     model = model_from_config(config)
     # a torch.compile'd model's state_dict has every key under '_orig_mod.'
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})

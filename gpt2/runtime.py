@@ -27,12 +27,16 @@ import torch.distributed as dist
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto': cuda > mps > cpu; anything else as torch names it. --device cuda without CUDA says why."""
+    """'auto': cuda > mps > cpu; anything else as torch names it. --device cuda without CUDA (or mps without MPS)
+    says why."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(no_cuda_message(f"--device {name}"))
+    if device.type == "mps" and not torch.backends.mps.is_available():  # else torch's error at the first tensor moved
+        raise SystemExit(f"--device {name} needs Apple's MPS, and torch cannot use it here (macOS 12.3+ on Apple "
+                         "silicon or an AMD GPU, and a torch build with MPS): use --device cpu")
     return device
 
 

@@ -3,8 +3,10 @@ offline, a full disk, a corrupt checkpoint, a kill -9, a crash, a second Ctrl-C.
 the fix, with no traceback (a crash keeps its traceback, and leaves its line in the run's logs), and loses nothing."""
 
 import errno
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SMALL, metrics, run
 
+import fineweb_edu
+import hellaswag
+import plot_logs
+import sample
 import train_gpt2
 from gpt2 import runs
 from gpt2.config import parse_config
-from gpt2.runtime import StopRequest
+from gpt2.dataloader import DataError, ShardLoader
+from gpt2.runtime import StopRequest, pick_device
 
 
 def cli(*args, env=None, script="train_gpt2.py") -> subprocess.CompletedProcess:
@@ -248,3 +256,119 @@ def test_a_checkpoint_whose_optimizer_split_changed_is_refused_in_one_line(shard
     monkeypatch.setattr(train_gpt2, "build_optimizers", one_matrix_less)
     with pytest.raises(SystemExit, match=r"ckpt_0000002.pt: its optimizer state does not fit this code's optimizers"):
         run(shards, tmp_path, *args)
+
+
+def drop_the_val_shard(data: Path, manifest: dict):
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] != "val"]
+
+
+def unknown_dtype(data: Path, manifest: dict):
+    manifest["dtype"] = "uint12"
+
+
+def a_folder_for_a_shard(data: Path, manifest: dict):
+    (data / manifest["shards"][1]["file"]).unlink()
+    (data / manifest["shards"][1]["file"]).mkdir()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (drop_the_val_shard, r"manifest.json lists no val shard, which every build has: the folder is damaged; delete it "
+                         r"and rebuild it with `python fineweb_edu.py --out "),  # not "the source fitted into val"
+    (unknown_dtype, r"manifest.json is not a valid manifest \(data type 'uint12' not understood\); delete "),
+    (a_folder_for_a_shard, r"_train_000001.npy cannot be read \(Is a directory\): make it a readable file, or re-run"),
+], ids=["no-val-shard", "unknown-dtype", "folder-for-a-shard"])
+def test_a_damaged_data_folder_is_one_clear_error(shards, tmp_path, damage, message):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    damage(data, manifest)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message):
+        for split in ("train", "val"):
+            ShardLoader(data, split, 2, 16)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_device_mps_without_mps_is_one_line():
+    with pytest.raises(SystemExit, match=r"^--device mps needs Apple's MPS, and torch cannot use it here .*: use "
+                       r"--device cpu$"):
+        pick_device("mps")
+
+
+def test_a_file_in_the_log_dir_path(shards, tmp_path):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    with pytest.raises(SystemExit, match=r"^cannot create the run folder .*notes/run \(Not a directory\): pass a "
+                       r"--log-dir \(and --run-name\) that names a folder you can write, not a file$"):
+        run(shards, tmp_path / "notes")
+
+
+def test_resume_from_a_model_that_is_no_training_checkpoint(shards, tmp_path):
+    model = tmp_path / "ema_model.pt"  # what ema.py writes: weights and their config, no optimizer or loader state
+    torch.save({"model": {}, "model_config": {}, "step": 4}, model)
+    with pytest.raises(SystemExit, match=re.escape(f"--resume {model}: {model} is not a training checkpoint of "
+                                                   "train_gpt2.py (it lacks ['optimizers', 'loader', ")):
+        run(shards, tmp_path / "logs", "--resume", str(model))
+
+
+def test_sample_given_a_folder_or_a_bare_tensor(tmp_path):
+    run_dir, empty = tmp_path / "run", tmp_path / "empty"
+    run_dir.mkdir()
+    empty.mkdir()
+    for step in (2, 4):
+        (run_dir / f"ckpt_{step:07d}.pt").write_bytes(b"")  # only their names are read
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    cases = [(run_dir, f"{run_dir} is a folder: pass one checkpoint file, e.g. its latest, {run_dir}/ckpt_0000004.pt"),
+             (empty, f"{empty} is a folder: pass one checkpoint file, it holds none (train_gpt2.py writes"),
+             (tmp_path / "tensor.pt", f"{tmp_path}/tensor.pt is not a training checkpoint: expected keys 'model'")]
+    for path, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+            sample.main(["--checkpoint", str(path), "--device", "cpu"])
+
+
+def test_plot_logs_draws_a_run_whose_eval_diverged(tmp_path, capsys):
+    records = [{"kind": "val", "step": 0, "tokens": 0, "time": 0.0, "loss": 10.8},
+               {"kind": "train", "step": 1, "tokens": 32, "time": 0.1, "loss": 10.7},
+               {"kind": "val", "step": 1, "tokens": 32, "time": 0.2, "loss": float("nan")},
+               {"kind": "val_ema", "step": 1, "tokens": 32, "time": 0.2, "loss": float("inf")}]
+    (tmp_path / "run").mkdir()
+    # json writes NaN and Infinity, as the trainer's log does for a diverged val loss
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_logs.main([str(tmp_path / "run"), "--out", str(tmp_path / "runs.png"), "--no-reference"])
+    assert (tmp_path / "runs.png").stat().st_size > 0 and "| run | 1 | 32 | nan |" in capsys.readouterr().out
+
+
+HELLASWAG_EXAMPLE = {"ctx": "A man sits down", "endings": ["a", "b", "c", "d"], "label": 0}
+
+
+@pytest.mark.parametrize("line,message", [
+    (b"", "holds no HellaSwag examples (an empty file?)"),
+    (json.dumps({**HELLASWAG_EXAMPLE, "endings": ["a", "b", "c"]}).encode(), ":1: a HellaSwag example needs 4 endings"),
+    (json.dumps({**HELLASWAG_EXAMPLE, "ctx": ""}).encode(), ":1: a HellaSwag example needs 4 endings and a non-empty"),
+    (json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"]}).encode(), ":1: no 'label' to score against (the test"),
+    (json.dumps(HELLASWAG_EXAMPLE).replace("man", "caf\u00e9").encode("latin-1"), ":1: not UTF-8 text"),
+], ids=["empty", "three-endings", "empty-ctx", "no-label", "latin-1"])
+def test_a_hellaswag_file_that_cannot_be_scored_is_refused_on_loading(tmp_path, line, message):
+    path = tmp_path / "hs.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}{message}" if message[0] == ":" else f"{path} {message}")):
+        hellaswag.load_examples(str(path))
+
+
+def test_a_hellaswag_file_that_cannot_be_scored_stops_before_the_run_folder(shards, tmp_path, capsys):
+    (tmp_path / "hs.jsonl").write_text(json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"]}) + "\n")  # test split
+    with pytest.raises(SystemExit, match="^HellaSwag data: .*no 'label' to score against .*--hellaswag-every 0"):
+        run(shards, tmp_path / "logs", "--hellaswag-every", "2", "--hellaswag-data", str(tmp_path / "hs.jsonl"))
+    assert not (tmp_path / "logs").exists()  # before: the run crashed at its step-0 evaluation
+    with pytest.raises(SystemExit):
+        hellaswag.main(["--checkpoint", "any.pt", "--limit", "0"])
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_fineweb_refuses_an_empty_txt_and_a_cut_parquet(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit, match="empty.txt holds no documents"):  # not a 1-token val shard and no train
+        fineweb_edu.build(str(tmp_path / "empty.txt"), tmp_path / "out", 1000, workers=1)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 half a download")
+    with pytest.raises(SystemExit, match=r"cut.parquet is not a readable parquet file \(.*\): copy or download it"):
+        fineweb_edu.build(str(tmp_path / "cut.parquet"), tmp_path / "out2", 1000, workers=1)
