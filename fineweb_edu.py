@@ -27,8 +27,9 @@ Resuming: shards are written to a temp file and renamed into place, and manifest
 atomically after each one with where the next shard starts in the source (skip `resume_doc` documents, then
 `resume_offset` tokens); it is marked complete at the end. Re-running the same command keeps the recorded
 shards whose sha256 still matches and continues from the first missing or bad one, so the result is
-byte-identical to an uninterrupted run (the source must not change in between). A changed --max-tokens keeps
-the shards it leaves unchanged. A resume of a local or streamed source reads the documents before the resume
+byte-identical to an uninterrupted run (the source must not change in between). A raised --max-tokens keeps
+the shards it leaves unchanged; one lowered below the tokens already built is refused, so no built token is
+ever lost. A resume of a local or streamed source reads the documents before the resume
 point again, but does not tokenize them; a hub download resume skips the parquet files before it unread (the
 manifest records the files, and the rows of each) and keeps the files already downloaded.
 
@@ -542,6 +543,10 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
         raise SystemExit(f"error: {out} holds shards of --source {old['source']} (--txt-docs {old['txt_docs']}) with "
                          f"--shard-size {old['shard_size']}, not of these settings: pass another --out, or delete "
                          f"{out} to rebuild it")
+    held = sum(s["tokens"] for s in old["shards"]) if old else 0
+    if max_tokens is not None and held > max_tokens and max_tokens != old["max_tokens"]:  # never delete a finished shard
+        raise SystemExit(f"error: {out} holds {held:,} tokens, more than --max-tokens {max_tokens:,}, and a smaller "
+                         f"build would delete finished shards: pass another --out, or delete {out} to rebuild it")
     shards = _kept_shards(out, old, settings)
     if old and old["complete"] and old["max_tokens"] == max_tokens and len(shards) == len(old["shards"]):
         print(f"{out} is complete and its {len(shards)} shards match their sha256; nothing to do")
@@ -571,7 +576,7 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
     manifest = writer.save(complete=True)
     keep = {s["file"] for s in writer.shards}
     for stale in [*out.glob(f"{src.prefix}_val_*.npy*"), *out.glob(f"{src.prefix}_train_*.npy*")]:
-        if stale.name not in keep:  # shards past a lowered --max-tokens, temp files of a killed run
+        if stale.name not in keep:  # a short last shard a raised --max-tokens rebuilt, temp files of a killed run
             stale.unlink()
     shutil.rmtree(out / DOWNLOAD_DIR, ignore_errors=True)
 

@@ -7,8 +7,8 @@ starts and in a seeded shuffled order; its state (shard, pos, epoch) restores ex
 hand with `python -m gpt2.dataloader DIR [--verify]`. `target_bytes` and `bits_per_byte` turn a summed val loss
 into bits per UTF-8 byte of text, a figure that does not depend on the tokenizer.
 
-torch is imported inside ShardLoader only: fineweb_edu.py imports the manifest helpers below, and the
-tokenizer CLI should neither pay torch's import time nor need torch installed.
+torch is imported inside the functions that use it: plot_logs.py reads manifests (through
+tools/reference_loss.py) and stays torch-free, so plotting on a laptop never pays torch's import time.
 """
 
 from __future__ import annotations

@@ -139,14 +139,16 @@ def test_max_tokens_cuts_and_extends(tmp_path, shakespeare_path):
         tokens = np.concatenate([np.load(tmp_path / f"m{m}" / s["file"]) for s in cut["shards"]])
         assert np.array_equal(tokens, stream[:m])
 
-    # raising --max-tokens (or dropping it) keeps the shards it leaves unchanged; lowering it removes the rest
+    # raising --max-tokens (or dropping it) keeps the shards it leaves unchanged; lowering it below what is
+    # built is refused, and every shard stays
     grow = tmp_path / "m30000"
     build(shakespeare_path, grow, 20000, max_tokens=125_000, **kw)
     assert files(grow) == files(tmp_path / "m125000")
     build(shakespeare_path, grow, 20000, **kw)
     assert files(grow) == files(tmp_path / "full")
-    build(shakespeare_path, grow, 20000, max_tokens=125_000, **kw)
-    assert files(grow) == files(tmp_path / "m125000")
+    with pytest.raises(SystemExit, match=r"holds [\d,]+ tokens, more than --max-tokens 125,000.*pass another --out"):
+        build(shakespeare_path, grow, 20000, max_tokens=125_000, **kw)
+    assert files(grow) == files(tmp_path / "full")
 
 
 @pytest.mark.parametrize("stop_at_shard", [1, 4])

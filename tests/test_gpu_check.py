@@ -289,7 +289,7 @@ def test_budget_of_the_full_plan_by_hand():
 
 def test_check_data_refuses_missing_or_too_small_shards_with_the_recipe(doc_shards, tmp_path):
     assert gpu_quality.check_data(doc_shards, gpu_quality.DRY) == 512  # 4 val batches of 128 tokens
-    with pytest.raises(SystemExit, match="--source ../shared/data/docs --out data/docs --max-tokens 15000000"):
+    with pytest.raises(SystemExit, match="--source ../shared/data/docs --out data/docs15m --max-tokens 15000000"):
         gpu_quality.check_data(str(tmp_path / "nothing"), gpu_quality.DRY)
     with pytest.raises(SystemExit, match="holds 0 train and 0 val batches of 65,536 tokens; the plan needs 200"):
         gpu_quality.check_data(doc_shards, gpu_quality.Plan(200, 16, 4096, 25, 65_536, 20))

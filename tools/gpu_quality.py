@@ -6,7 +6,7 @@ the first step's time: the compile), the val curve, and the tokens and training 
 baseline's final val loss (interpolated linearly between evaluations), as markdown on stdout and in OUT/quality.md,
 the curves in OUT/quality.png, each run's metrics.jsonl and log.txt in OUT/runs/.
 
-    python3 -m tools.gpu_quality --data-dir data/docs --out OUT           # one H100: ~6 min, progress on stderr
+    python3 -m tools.gpu_quality --data-dir data/docs15m --out OUT           # one H100: ~6 min, progress on stderr
     python3 -m tools.gpu_quality --dry-run --device cpu --data-dir DIR    # the plan, then tiny runs on the CPU
     python3 -m tools.gpu_quality --presets gpt2-124m,gpt2-124m-edm2,gpt2-124m-hypersphere --out OUT  # ~5.6 min
 
@@ -14,10 +14,11 @@ The data, built here once (data/ is ignored by .gitignore's /data): the whole 14
 (29 MB as uint16), in shards of 1,048,577 tokens = 16 batches of 64 x 1024 (+1 target), so that no train token is
 skipped at a shard's end; and tiktoken's cache, which the loop needs for its bits per byte:
 
-    python fineweb_edu.py --source ../shared/data/docs --out data/docs --max-tokens 15000000 --shard-size 1048577
+    python fineweb_edu.py --source ../shared/data/docs --out data/docs15m --max-tokens 15000000 --shard-size 1048577
     cp -r ../shared/data/tiktoken data/tiktoken
 
-Carry `data` (31 MB, under the 64 MiB) to the GPU machine and run there with TIKTOKEN_CACHE_DIR=data/tiktoken.
+Carry `data/docs15m` and `data/tiktoken` (31 MB, under the 64 MiB) to the GPU machine and run there with
+TIKTOKEN_CACHE_DIR=data/tiktoken.
 That is 1.05M val tokens (16 batches, all evaluated) and 13.7M train tokens: 209 steps of 65,536, so the 200 steps
 below never repeat a train token (check_data refuses shards too small for the plan, and says how to build them).
 
@@ -62,7 +63,7 @@ PRESETS = ["gpt2-124m", "gpt2-124m-modern", "gpt2-124m-speedrun"]  # --presets' 
 CHOICES = [p for p in PRESET_VALUES if p.startswith("gpt2-124m")]
 ASSUMED_TOK_S, OTHER_TOK_S = {"gpt2-124m": 450_000}, 350_000  # one H100 (see the docstring)
 ASSUMED_COMPILE_S, ASSUMED_START_S, EVAL_SPEEDUP = 60, 10, 3  # an evaluation is a forward pass only: ~3x faster
-RECIPE = ("build the shards with `python fineweb_edu.py --source ../shared/data/docs --out data/docs --max-tokens "
+RECIPE = ("build the shards with `python fineweb_edu.py --source ../shared/data/docs --out data/docs15m --max-tokens "
           "15000000 --shard-size 1048577` (the docstring of tools/gpu_quality.py has the whole recipe)")
 SUMMARY = ["preset", "tok/s (median)", "MFU", "peak memory", "first step (compile)", "final val loss",
            "tokens to {baseline}'s final val", "training seconds to it", "run wall time"]
@@ -258,7 +259,7 @@ def run_all(args, presets: list[str], plan: Plan, out: Path) -> dict[str, dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data/docs", help="the shards (see above for how to build them)")
+    parser.add_argument("--data-dir", default="data/docs15m", help="the shards (see above for how to build them)")
     parser.add_argument("--out", default="logs/gpu_quality", help="quality.md, quality.png and runs/ go here")
     parser.add_argument("--log-dir", default="logs", help="the runs train in a temporary folder in here")
     parser.add_argument("--device", default="auto")
