@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from gpt2.config import MODEL_FIELDS, RESUME_MUST_MATCH, TrainConfig, current_value
-from gpt2.dataloader import read_manifest, shards_identity
+from gpt2.dataloader import read_manifest, sha256_file, shards_identity
 from gpt2.models import build_model
 from gpt2.runtime import (
     Sha256Writer,
     atomic_write,
-    file_sha256,
     load_torch_file,
     print0,
     remove_stale_temps,
@@ -66,7 +65,7 @@ def check_sha256(path: str) -> bool:
         return False
     with open(path + ".sha256") as f:
         expected = f.read().split()[:1]
-    if [file_sha256(path)] != expected:
+    if [sha256_file(path)] != expected:
         raise BadCheckpoint(f"{path} does not match its sha256 in {path}.sha256 (truncated or corrupted)")
     return True
 

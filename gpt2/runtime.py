@@ -1,6 +1,6 @@
 """What every script shares at run time: the device and its autocast dtype (and, without CUDA, why), peak FLOPs
 for MFU, torchrun's process group, rank-0 printing (and a stopping message once per run), stop signals
-(StopRequest), the one-line argument errors (OneLineParser), atomic file writes and their sha256, and loading a
+(StopRequest), the one-line argument errors (OneLineParser), atomic file writes (hashed on the way), and loading a
 torch file with a clear error. Imports only torch and the standard library."""
 
 import argparse
@@ -366,14 +366,6 @@ class Sha256Writer:
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", **kwargs):

@@ -144,7 +144,7 @@ def test_checksum_is_the_files_sha256(shards, tmp_path, monkeypatch):
     def read_back(path):
         raise AssertionError(f"{path} read back to hash it")
 
-    monkeypatch.setattr(runs, "file_sha256", read_back)  # hashed while written: the file is read once, on load
+    monkeypatch.setattr(runs, "sha256_file", read_back)  # hashed while written: the file is read once, on load
     train_gpt2.main(args(shards, tmp_path, "--stop-at", "2"))
     ckpt = tmp_path / "r" / "ckpt_0000002.pt"
     digest, name = (tmp_path / "r" / "ckpt_0000002.pt.sha256").read_text().split()
