@@ -520,6 +520,24 @@ def _check_settings(out, shard_size: int, max_tokens: int | None, workers: int |
                          f"tokenize is --source {out})")
 
 
+def _previous_build(out: Path, settings: dict) -> dict | None:
+    """The manifest already in out (None: a new folder), if this run may continue it: the same source and shard
+    size, and a --max-tokens that keeps every shard built (none is ever deleted)."""
+    try:
+        old = load_manifest(out)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if old and old["shards"] and any(old[k] != settings[k] for k in IDENTITY):
+        raise SystemExit(f"error: {out} holds shards of --source {old['source']} (--txt-docs {old['txt_docs']}) with "
+                         f"--shard-size {old['shard_size']}, not of these settings: pass another --out, or delete "
+                         f"{out} to rebuild it")
+    held, max_tokens = sum(s["tokens"] for s in old["shards"]) if old else 0, settings["max_tokens"]
+    if max_tokens is not None and held > max_tokens and max_tokens != old["max_tokens"]:
+        raise SystemExit(f"error: {out} holds {held:,} tokens, more than --max-tokens {max_tokens:,}, and a smaller "
+                         f"build would delete finished shards: pass another --out, or delete {out} to rebuild it")
+    return old
+
+
 def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", shard_size: int = 100_000_000,
           max_tokens: int | None = None, workers: int | None = None, txt_docs: str = "file", downloads: int = 4,
           hub_endpoint: str | None = None) -> dict:
@@ -535,18 +553,7 @@ def build(source: str = DEFAULT_SOURCE, out: str | Path = "data/fineweb_edu", sh
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": src.spec, "txt_docs": txt_docs, "tokenizer": "gpt2", "dtype": "uint16",
                 "shard_size": shard_size, "max_tokens": max_tokens}
-    try:
-        old = load_manifest(out)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if old and old["shards"] and any(old[k] != settings[k] for k in IDENTITY):
-        raise SystemExit(f"error: {out} holds shards of --source {old['source']} (--txt-docs {old['txt_docs']}) with "
-                         f"--shard-size {old['shard_size']}, not of these settings: pass another --out, or delete "
-                         f"{out} to rebuild it")
-    held = sum(s["tokens"] for s in old["shards"]) if old else 0
-    if max_tokens is not None and held > max_tokens and max_tokens != old["max_tokens"]:  # never delete a finished shard
-        raise SystemExit(f"error: {out} holds {held:,} tokens, more than --max-tokens {max_tokens:,}, and a smaller "
-                         f"build would delete finished shards: pass another --out, or delete {out} to rebuild it")
+    old = _previous_build(out, settings)
     shards = _kept_shards(out, old, settings)
     if old and old["complete"] and old["max_tokens"] == max_tokens and len(shards) == len(old["shards"]):
         print(f"{out} is complete and its {len(shards)} shards match their sha256; nothing to do")
