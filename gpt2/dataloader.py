@@ -157,7 +157,7 @@ def gpt2_tokenizer():
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "its cache folder"
         raise SystemExit(f"error: the GPT-2 tokenizer is not in {cache} and could not be downloaded "
                          f"({type(e).__name__}): connect once to the internet, or set TIKTOKEN_CACHE_DIR to a folder "
-                         "holding tiktoken's gpt2 files (README, set-up)") from None
+                         "holding tiktoken's gpt2 files (README, its opening section)") from None
 
 
 @functools.cache
