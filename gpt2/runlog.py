@@ -93,7 +93,7 @@ class Pace:
         self.seconds = seconds if self.steps <= 2 else self.decay * self.seconds + (1 - self.decay) * seconds
 
     def line(self, step: int, stop_step: int, tokens: int, elapsed: float, fields: str) -> str:
-        """'step 120/300 (40%) | <fields> | 1.2M tokens | elapsed 2m10s | ETA 3m15s'"""
+        """'step 120/300 (40%) | <fields> | 245.8K tokens | elapsed 2m10s | ETA 3m15s'"""
         eta = (stop_step - step) * self.seconds
         return (f"step {step:6d}/{stop_step} ({step / stop_step:.0%}) | {fields} | {human_count(tokens)} tokens | "
                 f"elapsed {human_duration(elapsed)} | ETA {human_duration(eta)}")
