@@ -266,6 +266,10 @@ def unknown_dtype(data: Path, manifest: dict):
     manifest["dtype"] = "uint12"
 
 
+def a_token_count_as_text(data: Path, manifest: dict):
+    manifest["shards"][1]["tokens"] = str(manifest["shards"][1]["tokens"])  # a hand edit
+
+
 def a_folder_for_a_shard(data: Path, manifest: dict):
     (data / manifest["shards"][1]["file"]).unlink()
     (data / manifest["shards"][1]["file"]).mkdir()
@@ -275,8 +279,10 @@ def a_folder_for_a_shard(data: Path, manifest: dict):
     (drop_the_val_shard, r"manifest.json lists no val shard, which every build has: the folder is damaged; delete it "
                          r"and rebuild it with `python fineweb_edu.py --out "),  # not "the source fitted into val"
     (unknown_dtype, r"manifest.json is not a valid manifest \(data type 'uint12' not understood\); delete "),
+    (a_token_count_as_text, r"manifest.json is not a valid manifest \(shard entry .* needs a string file and split "
+                            r"and an integer tokens\); delete "),
     (a_folder_for_a_shard, r"_train_000001.npy cannot be read \(Is a directory\): make it a readable file, or re-run"),
-], ids=["no-val-shard", "unknown-dtype", "folder-for-a-shard"])
+], ids=["no-val-shard", "unknown-dtype", "token-count-as-text", "folder-for-a-shard"])
 def test_a_damaged_data_folder_is_one_clear_error(shards, tmp_path, damage, message):
     data = tmp_path / "data"
     shutil.copytree(shards, data)
