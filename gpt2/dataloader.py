@@ -300,9 +300,7 @@ class ShardLoader:
             buf = torch.from_numpy(self._next_window())
         else:
             while self.pos + self.window + 1 > self.sizes[self.shard]:
-                self.shard, self.pos = self.shard + 1, 0
-                if self.shard == len(self.paths):
-                    self.shard, self.epoch = 0, self.epoch + 1
+                self._next_shard()
             start = self.pos + self.rank * self.B * self.T
             buf = torch.from_numpy(self._open_shard(self.shard)[start : start + self.B * self.T + 1].astype(np.int64))
             self._count(self.shard, self.pos // self.window, self.window)
@@ -348,6 +346,12 @@ class ShardLoader:
             self._rows = layout(self._tokens, self.T + 1) if layout else None
         return self._tokens
 
+    def _next_shard(self):
+        """On to the next shard of this epoch's order, or to the first of the next epoch."""
+        self.shard, self.pos = self.shard + 1, 0
+        if self.shard == len(self.paths):
+            self.shard, self.epoch = 0, self.epoch + 1
+
     def _windows(self, index: int) -> int:
         """How many windows shard `index` holds."""
         if self.aligned:
@@ -365,9 +369,7 @@ class ShardLoader:
         """This rank's part of the next window with align_docs or shuffle, as int64: (B, T+1) aligned rows, or
         B*T+1 consecutive tokens."""
         while self.pos >= self._windows(self._shard_index()):
-            self.shard, self.pos = self.shard + 1, 0
-            if self.shard == len(self.paths):
-                self.shard, self.epoch = 0, self.epoch + 1
+            self._next_shard()
         index = self._shard_index()
         tokens, window, served = self._open_shard(index), self.pos, self.pos
         if self.shuffle:

@@ -16,13 +16,9 @@ import torch
 import hellaswag
 from gpt2.runtime import autocast_dtype
 from model import GPT, GPTConfig
+from tools.bench import sync
 
 CONFIGS = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main():
