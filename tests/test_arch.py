@@ -372,17 +372,18 @@ def test_switches_and_modes_compile(switch):
         assert torch.equal(block.mlp.step_counts, 2 * counts)
 
 
-def test_flex_window_path_compiles():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_flex_window_path_compiles(backend):
     """FlexAttention with its block mask built inside the compiled function, as it runs on CUDA (CPU inductor
     compiles FlexAttention for inference without log-sum-exp only, so: a window, GQA, no grad, no sinks).
     aot_eager traces the block mask and the attention the way CUDA's compile does, on any CPU; inductor's CPU
     kernel runs only with 512-bit vectors: its 256-bit (AVX2) variant returns wrong values and NaN here (torch
     2.15; no upstream issue found), and the FX graph cache would hand one ISA's kernel to the other."""
+    if backend == "inductor" and not str(cpu_vec_isa.pick_vec_isa()).startswith("avx512"):
+        pytest.skip("inductor's CPU FlexAttention kernel is right with 512-bit vectors only (see the docstring)")
     q, k, v, _ = (t.detach() for t in _qkv(2, T=40))
     expected = naive_attention(q, k, v, 0, 5, None)
-    backends = ["aot_eager"] + (["inductor"] if str(cpu_vec_isa.pick_vec_isa()).startswith("avx512") else [])
-    for backend in backends:
-        torch._dynamo.reset()
-        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
-            compiled = torch.compile(flex_attend, backend=backend)(q, k, v, 5, None)
-        assert (compiled.double() - expected).abs().max() < 1e-5, backend
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(flex_attend, backend=backend)(q, k, v, 5, None)
+    assert (compiled.double() - expected).abs().max() < 1e-5

@@ -229,13 +229,18 @@ def test_state_dict_restores_exactly_with_options(data_dir, options):
 
 
 def test_doc_mask_aligned_shuffled_training_step(data_dir, tmp_path):
-    result = train_gpt2.main(["--preset", "tiny", "--data-dir", str(data_dir), "--log-dir", str(tmp_path), "--run-name",
-                              "r", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
-                              "--seq-len", "32", "--total-batch-size", "256", "--val-tokens", "512",
-                              "--hellaswag-every", "0", "--warmup-steps", "2", "--vocab-multiple", "128",
-                              "--sample-every", "0", "--max-steps", "2", "--doc-mask", "1", "--align-docs", "pack",
-                              "--shuffle", "1"])
+    def train(name, doc_mask):
+        return train_gpt2.main([
+            "--preset", "tiny", "--data-dir", str(data_dir), "--log-dir", str(tmp_path), "--run-name", name,
+            "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
+            "--total-batch-size", "256", "--val-tokens", "512", "--hellaswag-every", "0", "--warmup-steps", "2",
+            "--vocab-multiple", "128", "--sample-every", "0", "--max-steps", "2", "--doc-mask", doc_mask,
+            "--align-docs", "pack", "--shuffle", "1"])
+
+    result, unmasked = train("r", "1"), train("unmasked", "0")
     assert math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
+    # the same rows: the mask must change what the packed rows' tokens attend to, so the loss
+    assert abs(result["train_loss"] - unmasked["train_loss"]) > 1e-4
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["align_docs"] == "pack" and config["shuffle"] and config["model"]["doc_mask"]
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -229,7 +229,7 @@ def test_cli_errors(tmp_path, hellaswag_val_path):
 
 def test_hub_source_streams(tmp_path, monkeypatch, enc):
     """The --max-tokens hub path, offline: load_dataset is pointed at a local parquet file, streamed the same way."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     docs = messy_documents(400, seed=3)
     pq.write_table(pa.table({"text": docs, "score": [1.0] * len(docs)}), tmp_path / "hub.parquet", row_group_size=100)
     calls = []
@@ -410,7 +410,7 @@ def test_hub_download_killed_and_resumed(hub, tmp_path, monkeypatch, capsys):
 def test_hub_streamed_sample_extends_to_the_full_download(hub, tmp_path, monkeypatch):
     """A --max-tokens build streams through `datasets`; dropping --max-tokens continues it from the parquet files,
     which must hold the documents in the same order."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     local = [str(hub.root / name) for name in hub.names]
     real_load_dataset = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split, streaming:

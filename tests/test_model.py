@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # a dev dependency; always installed by `uv sync`
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,8 +14,6 @@ from gpt2.hf_io import export_hf, from_pretrained
 from gpt2.loss import chunked_cross_entropy
 from gpt2.runtime import peak_flops
 from model import GPT, GPTConfig, sample_next
-
-transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 
 SMALL = dict(block_size=64, n_layer=2, n_head=4, n_embd=64)
 
@@ -141,6 +140,21 @@ def test_padded_vocab_has_zero_mass_and_same_loss():
     assert logits.softmax(-1)[..., 50257:].sum().item() == 0.0
     assert abs(loss.item() - loss_plain.item()) < 1e-6
     assert abs(loss_chunked.item() - loss_plain.item()) < 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.5, 3), (2.0, 2)])
+def test_sample_next_draws_from_the_tempered_top_k_softmax(temperature, top_k):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    # by hand: exp(logit / T) over the k largest logits only, normalized
+    weights = [math.exp(v / temperature) for v in logits[0].tolist()]
+    kept = sorted(range(6), key=lambda i: -logits[0, i].item())[: top_k or 6]
+    expected = torch.tensor([weights[i] if i in kept else 0.0 for i in range(6)])
+    expected /= expected.sum()
+    draws = sample_next(logits.expand(200_000, 6), temperature, top_k, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws.flatten(), minlength=6) / draws.numel()
+    assert frequencies[expected == 0].sum() == 0  # nothing outside the top k
+    assert torch.allclose(frequencies, expected, atol=0.005)  # 200k draws: a standard error under 0.0012
+    assert torch.equal(sample_next(logits, 0.0, top_k), torch.tensor([[5]]))  # temperature 0: the argmax
 
 
 def naive_generate(model, idx, n, temperature, top_k, generator):

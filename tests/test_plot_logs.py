@@ -158,6 +158,8 @@ def test_cli_parent_folder(logs, tmp_path):
 def test_ema_is_debiased():
     assert plot_logs.ema([5.0, 5.0, 5.0], 0.9) == pytest.approx([5.0, 5.0, 5.0])
     assert plot_logs.ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+    # by hand, beta 0.5: (0.5 * 1) / 0.5 = 1, then (0.5 * 0.5 + 0.5 * 3) / (1 - 0.25) = 7/3
+    assert plot_logs.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 7 / 3])
 
 
 def test_missing_kinds_still_plot(tmp_path):

@@ -20,7 +20,7 @@ SETTINGS = {"seq_len": 32, "batch_size": 4, "val_tokens": 1000}  # 1000 // (4 * 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> str:
     """A random GPT-2 in the HF layout, as transformers' save_pretrained writes it (importing transformers: ~6 s)."""
-    transformers = pytest.importorskip("transformers")  # a dev dependency, as in test_model.py
+    import transformers  # a dev dependency
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_hf")
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)

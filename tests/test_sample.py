@@ -5,12 +5,11 @@ import glob
 import pytest
 import tiktoken
 import torch
+import transformers  # a dev dependency; always installed by `uv sync`
 
 import sample
 import train_gpt2
 from gpt2.runs import load_model
-
-transformers = pytest.importorskip("transformers")  # a dev dependency; always installed by `uv sync`
 
 ENC = tiktoken.get_encoding("gpt2")
 PROMPT = "The king said"

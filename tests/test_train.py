@@ -107,10 +107,15 @@ def test_sigterm_checkpoints_and_resume_is_identical(shards, tmp_path):
 
 
 def test_compile_runs_a_step_val_and_sample(shards, tmp_path):
-    run(shards, tmp_path, "--compile", "1", "--max-steps", "1", "--val-every", "1", "--sample-every", "1")
-    assert len(metrics(tmp_path, kind="train")) == 1
-    assert len(metrics(tmp_path, kind="val")) == 2
-    samples = metrics(tmp_path, kind="sample")[-1]["samples"]
+    common = ["--max-steps", "1", "--val-every", "1", "--sample-every", "1"]
+    run(shards, tmp_path, "--compile", "1", *common, name="compiled")
+    run(shards, tmp_path, "--compile", "0", *common, name="eager")
+    assert "compile True" in (tmp_path / "compiled" / "log.txt").read_text()
+    for kind, count in (("train", 1), ("val", 2)):  # the compiled graphs compute what the eager model does
+        compiled, eager = metrics(tmp_path, "compiled", kind), metrics(tmp_path, "eager", kind)
+        assert len(compiled) == len(eager) == count
+        assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(compiled, eager)), (compiled, eager)
+    samples = metrics(tmp_path, "compiled", kind="sample")[-1]["samples"]
     assert len(samples) == 4 and all(s.startswith("Hello, I'm a language model,") for s in samples)
 
 
@@ -137,8 +142,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch)
 def test_checkpoint_loads_in_the_standalone_hellaswag(shards, tmp_path, capsys):
     run(shards, tmp_path, "--max-steps", "10", "--stop-at", "3", "--val-every", "0", "--sample-every", "0")
     # README: hellaswag.py --checkpoint
-    hellaswag.main(["--checkpoint", str(tmp_path / "run" / "ckpt_0000003.pt"), "--data", str(FIXTURE), "--device", "cpu"])
-    assert "count 10" in capsys.readouterr().out
+    ckpt_path = tmp_path / "run" / "ckpt_0000003.pt"
+    hellaswag.main(["--checkpoint", str(ckpt_path), "--data", str(FIXTURE), "--device", "cpu"])
+    # the same scores from the checkpoint's weights, put into a model by hand
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    model = model_module.GPT(model_module.GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    expected = hellaswag.evaluate(model.eval(), hellaswag.load_examples(str(FIXTURE)), "cpu")
+    assert f"acc {expected['acc']:.4f} acc_norm {expected['acc_norm']:.4f} count 10" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [

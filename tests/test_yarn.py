@@ -77,9 +77,9 @@ def test_learned_positions_still_refuse_past_block_size():
 def test_yarn_model_trained_at_32_holds_its_loss_at_64(shakespeare_path):
     """A tiny rope + YaRN model (theta 10^4) trained 200 steps at T=32 on tiny-shakespeare's tokens (renumbered to
     the 5.5k that occur, for speed): at T=64 the positions 32..63, past the trained context, do not blow up (the
-    issue's bound: 1.5x the loss at T=32). Measured: 6.087 -> 6.090 on one thread, 6.001 -> 6.106 on two (the
-    last bits of CPU sums differ, and 200 steps amplify them); plain rope, the same one-thread run, 6.083 -> 6.248.
-    The frequencies themselves are held to a float64 reference above."""
+    issue's bound: 1.5x the loss at T=32). This guards the model path against a broken extension only: plain rope
+    passes the bound too, and at this size neither holds its loss better than the other beyond the CPU's run-to-run
+    differences. What YaRN changes, its frequencies and scale, is held to a float64 reference above."""
     ids = tiktoken.get_encoding("gpt2").encode(shakespeare_path.read_text()[:200_000])
     vocab, data = torch.unique(torch.tensor(ids), return_inverse=True)
     torch.manual_seed(0)
