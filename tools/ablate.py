@@ -214,12 +214,15 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hypersphere-baseline": ["--mode", "hypersphere"],
     },
     # the presets that came out of `tuned`, each at its own settings (the tiny model's 300 steps, its warm-up and
-    # schedule) against the tiny preset's: pass no --max-lr, --muon-lr, --max-steps or --warmup-steps after `--`
+    # schedule) against the tiny preset's, and against plain Muon and the modern preset (Muon's tuned lr is the
+    # default): pass no --max-lr, --muon-lr, --max-steps or --warmup-steps after `--`
     "presets": {
         "baseline": [],
         "edm2": flags(EDM2),
         "hypersphere": flags(HYPERSPHERE),
         "manifold": flags(MANIFOLD),
+        "muon": ["--optimizer", "muon"],
+        "modern": flags(MODERN),
     },
 }
 
