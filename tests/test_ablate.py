@@ -127,7 +127,7 @@ def test_every_suite_config_is_a_valid_train_config(suite):
 def test_presets_suite_runs_the_presets_and_roadmap_the_papers_settings():
     def train_config(*argv):
         return config.parse_config([*argv, "--run-name", "x"])[0]
-    for name in ("edm2", "hypersphere", "manifold", "modern"):  # each presets config is its tiny preset
+    for name in ("edm2", "hypersphere", "manifold", "modern", "speedrun"):  # each presets config is its tiny preset
         assert train_config("--preset", "tiny", *ablate.SUITES["presets"][name]) == train_config(f"--preset=tiny-{name}")
     # the roadmap's rows at the papers' values (EDM2: NVlabs/edm2 train_edm2.py edm2-img512-xs; nGPT's paper),
     # EDM2's t_ref and ramp scaled to 300 steps

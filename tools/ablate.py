@@ -214,8 +214,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hypersphere-baseline": ["--mode", "hypersphere"],
     },
     # the presets that came out of `tuned`, each at its own settings (the tiny model's 300 steps, its warm-up and
-    # schedule) against the tiny preset's, and against plain Muon and the modern preset (Muon's tuned lr is the
-    # default): pass no --max-lr, --muon-lr, --max-steps or --warmup-steps after `--`
+    # schedule) against the tiny preset's, and against plain Muon and the modern and speedrun presets (Muon's tuned
+    # lr is the default): pass no --max-lr, --muon-lr, --max-steps or --warmup-steps after `--`
     "presets": {
         "baseline": [],
         "edm2": flags(EDM2),
@@ -223,6 +223,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "manifold": flags(MANIFOLD),
         "muon": ["--optimizer", "muon"],
         "modern": flags(MODERN),
+        "speedrun": flags(SPEEDRUN),
     },
 }
 
