@@ -83,10 +83,9 @@ def load_manifest(data_dir: str | Path) -> dict | None:
         missing += sorted({k for s in manifest["shards"] for k in SHARD_KEYS if k not in s})
         if "dtype" in manifest:
             np.dtype(manifest["dtype"])  # a TypeError for a dtype numpy does not know
-        bad = [s for s in manifest["shards"] if not missing and not (
-            isinstance(s["file"], str) and isinstance(s["split"], str) and type(s["tokens"]) is int)]
-        if bad:  # a hand edit: each later use would fail in its own way
-            raise TypeError(f"shard entry {bad[0]} needs a string file and split and an integer tokens")
+        for s in [] if missing else manifest["shards"]:  # a hand edit: each later use would fail in its own way
+            if not (isinstance(s["file"], str) and isinstance(s["split"], str) and type(s["tokens"]) is int):
+                raise TypeError(f"shard entry {s} needs a string file and split and an integer tokens")
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise DataError(f"{path} is not a valid manifest ({e}); {_start_over(data_dir)}")
     if missing:
