@@ -25,11 +25,12 @@ from gpt2.attention import AttentionMask, attention, attention_mask, yarn
 from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
-                "mlp": ("gelu", "relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere"),
+                "mlp": ("gelu", "relu2", "leaky-relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere"),
                 "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat"),
                 "edm2_storage": ("elements", "rows")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
 ATTN_GATE_CHANNELS = 12  # modded-nanogpt's attention-gate input width
+LEAKY_SLOPE = 0.5  # leaky-relu2's negative slope (modded-nanogpt record 2026-03-31_LeakyReLUSquared)
 
 
 @dataclass
@@ -52,7 +53,9 @@ class GPTConfig:
     rope_beta_fast: float = 32.0  # rotations in the original context above which a frequency is kept (extrapolated)
     rope_beta_slow: float = 1.0  # ... below which it is divided by rope_factor (interpolated); a ramp between
     rope_original_context: int = 4096  # the context the rotations are counted over (the one trained at)
-    mlp: str = "gelu"  # gelu | relu2 (relu squared) | swiglu (width 8/3 n_embd: as many weights) | swiglu-oss (gpt-oss)
+    # gelu | relu2 (relu squared) | leaky-relu2 (leaky relu, slope 0.5, squared) | swiglu (width 8/3 n_embd: as many
+    # weights) | swiglu-oss (gpt-oss)
+    mlp: str = "gelu"
     # mixture of experts (gpt2/moe.py; built by gpt2.models.build_model): moe_experts MLPs of width (dense width)
     # / top_k, each token goes to its top_k; 0 = the dense MLP. top_k >= 2: with 1 the router gets no gradient
     # (softmax of one weight), so it is refused, except for a single expert (the dense MLP, where no routing is
@@ -91,6 +94,9 @@ class GPTConfig:
     bigram_rows: int = 0
     smear: bool = False  # each position adds a gated share (0 at init) of the previous position's embedding
     backout: bool = False  # before the final norm, subtract a learned share (0.5 at init) of block 2L/3's output
+    # MUDD's residual channel: the last block's input and the final norm's each add per-token weighted earlier hidden
+    # states (the embedding, the outputs of blocks min(2L/3, L-3) and L-2), weights from a small MLP, 0 at init
+    mudd: bool = False
     # multi-token prediction: training also scores the same head's logits at t against the tokens 2..mtp+1 ahead,
     # with weights 0.5^k that fade to 0 over the first mtp / (mtp + 1) of the steps (train_gpt2 sets them per step)
     mtp: int = 0
@@ -122,9 +128,9 @@ class GPTConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r} acts on {needs} only: turn it on (--"
                                  f"{needs.replace('_', '-')} 1) or leave {name} at {default!r}")
         if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm or self.bigram_rows
-                                    or self.smear or self.backout or self.attn_gate):
-            raise ValueError(f"value_embeds, unet, x0_mix, embed_norm, bigram_rows, smear, backout and attn_gate need "
-                             f"mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and the "
+                                    or self.smear or self.backout or self.mudd or self.attn_gate):
+            raise ValueError(f"value_embeds, unet, x0_mix, embed_norm, bigram_rows, smear, backout, mudd and attn_gate "
+                             f"need mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and the "
                              "learned mixes and gates would undo them")
         if self.bigram_rows < 0 or self.bigram_rows == 1:
             raise ValueError(f"bigram_rows must be 0 (off) or >= 2 (one row is kept for a token without predecessor), "
@@ -132,6 +138,9 @@ class GPTConfig:
         if self.backout and self.n_layer < 4:
             raise ValueError(f"backout needs n_layer >= 4, got {self.n_layer}: the output it subtracts, block "
                              f"2*n_layer//3's, must come before the last block's")
+        if self.mudd and self.n_layer < 3:
+            raise ValueError(f"mudd needs n_layer >= 3, got {self.n_layer}: it reads a block's output from before the "
+                             f"last two blocks")
         if not 0 <= self.mtp < self.block_size:
             raise ValueError(f"mtp must be in [0, block_size) = [0, {self.block_size}): a row of block_size tokens "
                              f"has targets at most block_size - 1 ahead, got {self.mtp}")
@@ -297,6 +306,8 @@ class MLP(nn.Module):
             return F.gelu(h, approximate="tanh")
         if self.kind == "relu2":
             return F.relu(h).square()
+        if self.kind == "leaky-relu2":  # a quarter of the squared negative side stays, and its gradient
+            return F.leaky_relu(h, LEAKY_SLOPE).square()
         # gate and linear halves side by side (gpt-oss interleaves them: a row permutation, for loading its weights)
         gate, up = h.chunk(2, dim=-1)
         return swiglu_oss(gate, up) if self.kind == "swiglu-oss" else F.silu(gate) * up
@@ -351,8 +362,9 @@ class GPT(nn.Module):
     def add_residual_parts(self, config: GPTConfig):
         """A subclass registers the modules its `blocks` adds to the residual stream here, before the head and the
         init: the parameter order (the checkpoints') and the random init then follow the module tree."""
-        if config.value_embeds or config.unet or config.x0_mix or config.bigram_rows or config.smear or config.backout:
-            raise ValueError("value_embeds, unet, x0_mix, bigram_rows, smear and backout need the speedrun model "
+        if any((config.value_embeds, config.unet, config.x0_mix, config.bigram_rows, config.smear, config.backout,
+                config.mudd)):
+            raise ValueError("value_embeds, unet, x0_mix, bigram_rows, smear, backout and mudd need the speedrun model "
                              "(gpt2.speedrun.SpeedrunGPT): build it with gpt2.models.build_model")
 
     def _init_weights(self, module):

@@ -22,9 +22,10 @@ class MoESpeedrunGPT(SpeedrunGPT, MoEGPT):
 
 def build_model(config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> GPT:
     """The model that config.mode names: GPT-2 itself or one of the constrained variants; with mixture-of-experts
-    MLPs when config.moe_experts > 0, with the speedrun parts when value_embeds, unet, x0_mix, bigram_rows, smear or
-    backout is on (both need mode gpt2)."""
-    speedrun = any((config.value_embeds, config.unet, config.x0_mix, config.bigram_rows, config.smear, config.backout))
+    MLPs when config.moe_experts > 0, with the speedrun parts when value_embeds, unet, x0_mix, bigram_rows, smear,
+    backout or mudd is on (both need mode gpt2)."""
+    speedrun = any((config.value_embeds, config.unet, config.x0_mix, config.bigram_rows, config.smear, config.backout,
+                    config.mudd))
     if config.moe_experts:
         return (MoESpeedrunGPT if speedrun else MoEGPT)(config, loss_chunk_elements)
     if speedrun:

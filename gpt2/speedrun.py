@@ -1,5 +1,5 @@
 """The 124M speedruns' residual-stream wins (modded-nanogpt, nanochat) as subclasses of model.py's GPT, picked by
-gpt2.models.build_model when any of GPTConfig.value_embeds, unet, x0_mix, bigram_rows, smear or backout is on:
+gpt2.models.build_model when any of GPTConfig.value_embeds, unet, x0_mix, bigram_rows, smear, backout or mudd is on:
 
 - value_embeds: every other layer, the last included, adds a token embedding table of its own to its attention
   values, gated per kv head by 2 sigmoid(linear) of the layer input's first 32 channels (1 at init), or with
@@ -34,6 +34,13 @@ often bundles other changes; the folders are its records/track_1_short/). attn_g
   9060ff47). Here each offset's loss is its mean over the positions that have a target (the record sums and
   divides by all positions: (T - k) / T apart), and costs one more LM-head pass (the record's kernel reads all
   offsets from one). nanochat's dev/LOG.md (2026-01-12) found it negative at d12.
+- mudd: MUDD's residual channel (multiway dynamic dense connections, arXiv 2502.12170) at two sites, the last
+  block's input and the final norm's: x + sum_j m_j(x) s_j over earlier hidden states s_j (the embedding x0, block
+  min(2L/3, L-3)'s output and block L-2's: x itself at the first site), per-token weights m(x) = 0.1
+  (W2 gelu(W1 x) + b), W1 64 wide, W2 and b zero: a no-op at init. Record #81, 1.406 -> 1.363 min (-3.1%, 65 steps
+  fewer, 2026-04-22_MuddFormer/README.md @ 5be9ba09; train_gpt.py @ f411b3d3 init_mudd): the record also mixes the
+  same sources into the last block's attention values, which GQA's narrower values cannot take here, and trains the
+  MLP with Adam at a quarter of its lr, betas (0.9, 0.99); here AdamW's gate role trains it.
 Unlike the records, which hash one long stream, a row's first token has no predecessor here (KV-cache decoding
 carries the last token in KVCache.last).
 
@@ -56,6 +63,7 @@ BIGRAM_MULTIPLIERS = (36313, 27191)
 BIGRAM_SIGN_ROWS, BIGRAM_SIGN_SEED, BIGRAM_WIDTH_DIVISOR, BIGRAM_LAMBDA_INIT = 8192, 0, 4, 0.05
 SMEAR_GATE_CHANNELS = 12  # modded-nanogpt's smear gate input width (nanochat: 24)
 BACKOUT_LAMBDA_INIT = 0.5  # modded-nanogpt's (nanochat: 0.2, at block n_layer // 2)
+MUDD_WIDTH, MUDD_SCALE = 64, 0.1  # modded-nanogpt's dense-connection MLP width and output scale (init_mudd)
 
 
 def bigram_hash(prev, idx, rows: int):
@@ -68,9 +76,32 @@ def backout_layer(n_layer: int) -> int:
     return 2 * n_layer // 3
 
 
+def mudd_source_layer(n_layer: int) -> int:
+    """The block whose output both dense connections read: backout's 2L/3 (modded-nanogpt's cache[7] of its 11
+    blocks), at most L-3, so that it is not the last block's input."""
+    return min(backout_layer(n_layer), n_layer - 3)
+
+
 def has_value_embed(config: GPTConfig, layer: int) -> bool:
     """value_embeds: every other layer counted back from the last (nanochat's layout)."""
     return config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
+
+
+class DenseConnection(nn.Module):
+    """MUDD's residual channel at one site: x plus the sources, each times a per-token weight that a small MLP of x
+    computes; its output layer starts at zero, so the connection starts as the identity."""
+
+    def __init__(self, n_embd: int, n_sources: int):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, MUDD_WIDTH, bias=False)
+        self.fc.init_uniform = (-(n_embd**-0.5), n_embd**-0.5)  # the record's kaiming_uniform_(a=sqrt(5))
+        self.proj = nn.Linear(MUDD_WIDTH, n_sources)
+        self.proj.starts_at_zero = True
+        self.optim_role = "gate"  # AdamW's, under Muon too: the record keeps it off Muon
+
+    def forward(self, x, sources):
+        weights = MUDD_SCALE * self.proj(F.gelu(self.fc(x)))  # (B, T, sources)
+        return x + sum(weights[..., j : j + 1] * source for j, source in enumerate(sources))
 
 
 class SpeedrunAttention(CausalSelfAttention):
@@ -125,7 +156,8 @@ class SpeedrunGPT(GPT):
             self.x0_lambdas = nn.Parameter(0.20 - 0.15 * depth if nanochat else torch.zeros(config.n_layer))
 
     def add_bigram_smear_backout(self, config: GPTConfig):
-        """The bigram table, the smear gate and the backout share (the 2025-26 records, see the module docstring)."""
+        """The bigram table, the smear gate, the backout share and the dense connections (the 2025-26 records, see
+        the module docstring)."""
         if config.bigram_rows:
             self.transformer.bigram = nn.Embedding(config.bigram_rows, config.n_embd // BIGRAM_WIDTH_DIVISOR)
             self.transformer.bigram.starts_at_zero, self.transformer.bigram.optim_role = True, "embed"
@@ -138,6 +170,8 @@ class SpeedrunGPT(GPT):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.full((1,), BACKOUT_LAMBDA_INIT))
+        if config.mudd:  # sources: x0, the outputs of block mudd_source_layer and of block L-2
+            self.dense_in, self.dense_out = DenseConnection(config.n_embd, 3), DenseConnection(config.n_embd, 3)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -150,6 +184,9 @@ class SpeedrunGPT(GPT):
         x, bigram = self.pair_inputs(x, idx, cache)
         x0, skips, L = x, [], self.config.n_layer
         for i, block in enumerate(self.transformer.h):
+            if self.config.mudd and i == L - 1:  # the last block reads the earlier states through its own mix
+                before_last = x
+                x = self.dense_in(x, (x0, source, x))
             if self.config.unet and i >= L - L // 2:  # the mirror of block L-1-i of the first half
                 x = x + self.skip_weights[L - 1 - i] * skips[L - 1 - i]
             if self.config.x0_mix:
@@ -161,8 +198,12 @@ class SpeedrunGPT(GPT):
             skips += [x] if self.config.unet else []
             if self.config.backout and i == backout_layer(L):
                 early = x
+            if self.config.mudd and i == mudd_source_layer(L):
+                source = x
         if self.config.backout:  # what the early layers wrote for the later ones, not for the head
             x = x - self.backout_lambda * early
+        if self.config.mudd:
+            x = self.dense_out(x, (x0, source, before_last))
         return x
 
     def pair_inputs(self, x, idx, cache=None):

@@ -20,11 +20,12 @@ ALL_ON = dict(norm="rmsnorm", bias=False, pos="rope", mlp="swiglu", n_kv_head=2,
               embed_norm=True, qk_norm_scale=1.2, ve_gate="nanochat", x0_mix_init="nanochat")
 # original context 1024 puts head size 8's pairs in all three regimes: 0 kept, 1 and 2 blended, 3 interpolated
 YARN = dict(pos="rope", rope_scaling="yarn", rope_original_context=1024)
-SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"), dict(mlp="swiglu"),
-            dict(mlp="swiglu-oss"), dict(n_kv_head=2), dict(n_kv_head=1), dict(qk_norm=True), dict(sinks=True),
-            dict(window=8), dict(tie_head=False), dict(zero_init=True), dict(softcap=15.0), dict(doc_mask=True),
-            dict(value_embeds=True), dict(unet=True), dict(x0_mix=True), dict(attn_gate=True), dict(bigram_rows=97),
-            dict(smear=True), dict(mtp=2), ALL_ON]  # backout needs 4 layers: tests/test_speedrun2026.py
+# backout and mudd need more layers: tests/test_speedrun2026.py
+SWITCHES = [dict(norm="rmsnorm"), dict(bias=False), dict(pos="rope"), YARN, dict(mlp="relu2"),
+            dict(mlp="leaky-relu2"), dict(mlp="swiglu"), dict(mlp="swiglu-oss"), dict(n_kv_head=2), dict(n_kv_head=1),
+            dict(qk_norm=True), dict(sinks=True), dict(window=8), dict(tie_head=False), dict(zero_init=True),
+            dict(softcap=15.0), dict(doc_mask=True), dict(value_embeds=True), dict(unet=True), dict(x0_mix=True),
+            dict(attn_gate=True), dict(bigram_rows=97), dict(smear=True), dict(mtp=2), ALL_ON]
 
 
 def naive_attention(q, k, v, start, window, sinks, docs=None):
@@ -155,6 +156,19 @@ def test_swiglu_oss_is_gpt_oss_formula():
     out = mlp.activation(torch.tensor(gate + linear, dtype=torch.float64))
     assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
     assert mlp.c_fc.weight.shape == (2 * 88, 32)  # swiglu's width: 8/3 n_embd, rounded to 8
+
+
+@pytest.mark.parametrize("kind,slope", [("relu2", 0.0), ("leaky-relu2", 0.5)])
+def test_squared_relus_are_their_formulas(kind, slope):
+    """relu2: x^2 for x > 0, else 0; leaky-relu2: x^2 for x > 0, else (0.5 x)^2; element by element, with the
+    gradient 2x, else 2 slope^2 x."""
+    mlp = MLP(GPTConfig(**SMALL, mlp=kind))
+    values = [-3.0, -0.5, -1e-3, 0.0, 1e-3, 0.7, 2.5]
+    h = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    mlp.activation(h).sum().backward()
+    assert mlp.activation(h).tolist() == [v * v if v > 0 else (slope * v) ** 2 for v in values]
+    assert torch.allclose(h.grad, torch.tensor([2 * v if v > 0 else 2 * slope**2 * v for v in values],
+                                               dtype=torch.float64), atol=1e-15)
 
 
 def _batch(seed=0):

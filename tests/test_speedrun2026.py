@@ -1,5 +1,5 @@
-"""The 2025-26 speedrun switches (bigram hash embedding, smear, backout, attention output gates, multi-token
-prediction) against plain-Python and naive references and hand-unrolled forwards; KV-cache decoding, torch.compile,
+"""The 2025-26 speedrun switches (bigram hash embedding, smear, backout, MUDD's dense connections, attention output
+gates, multi-token prediction) against plain-Python and naive references and hand-unrolled forwards; KV-cache decoding, torch.compile,
 two DDP ranks and a resume with all of them on; every refusal."""
 
 import math
@@ -13,13 +13,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conftest import metrics, run, spawn_ranks
 from gpt2.config import TrainConfig, parse_config
 from gpt2.models import build_model
-from gpt2.optim import build_optimizers, mtp_weights_at
+from gpt2.optim import build_optimizers, mtp_weights_at, param_roles
 from gpt2.runs import load_model
 from model import GPT, LOSS_CHUNK_ELEMENTS, GPTConfig, KVCache, rope_tables
 
 SMALL = dict(block_size=16, n_layer=4, n_head=4, n_embd=32, vocab_multiple=128)
 ROWS = 97  # a small table: pairs collide, as they do in the records' 754,560 rows
-MINE = dict(bigram_rows=ROWS, smear=True, backout=True, attn_gate=True, mtp=2)
+MINE = dict(bigram_rows=ROWS, smear=True, backout=True, mudd=True, attn_gate=True, mtp=2)
 ALL_ON = dict(MINE, pos="rope", n_kv_head=2, sinks=True, value_embeds=True, unet=True, x0_mix=True)
 
 
@@ -30,7 +30,7 @@ def _model(loss_chunk_elements=LOSS_CHUNK_ELEMENTS, **switches):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("lambda", "lambdas", "gate.weight")) or "bigram" in name:
+            if name.endswith(("lambda", "lambdas", "gate.weight")) or "bigram" in name or "dense_" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
 
@@ -106,6 +106,41 @@ def test_bigram_smear_and_backout_equal_the_hand_unrolled_forward():
         expected = plain.logits(plain.transformer.ln_f(out3 - model.backout_lambda * out2))
         assert torch.allclose(model(idx)[0], expected, atol=1e-5)
     assert build_model(GPTConfig(**SMALL, backout=True)).backout_lambda.item() == 0.5
+
+
+def _dense_weights(connection, x):
+    """A dense connection's per-token weights (B, T, sources) in float64: 0.1 (W2 gelu(W1 x) + b), gelu by erf."""
+    W1, W2, b = (t.detach().double() for t in (connection.fc.weight, connection.proj.weight, connection.proj.bias))
+    h = x.double() @ W1.T
+    gelu = 0.5 * h * (1 + torch.special.erf(h / math.sqrt(2)))
+    return 0.1 * (gelu @ W2.T + b)
+
+
+def test_mudd_equals_the_hand_unrolled_forward():
+    """4 layers: the last block's input is out2 + m0 x0 + m1 out1 + m2 out2 (block min(2 * 4 // 3, 4 - 3) = 1 is
+    the source), the final norm's is out3 + n0 x0 + n1 out1 + n2 out2, m and n per token from each site's MLP; with
+    the output layers at zero (a fresh model) it is the plain GPT."""
+    model = _model(mudd=True, pos="rope").eval()
+    plain = GPT(GPTConfig(**SMALL, pos="rope")).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    idx = _tokens()
+    with torch.no_grad():
+        rope = rope_tables(model.config, 0, 16, idx.device)
+        x0 = plain.transformer.wte(idx)
+        out0 = plain.transformer.h[0](x0, rope)
+        out1 = plain.transformer.h[1](out0, rope)
+        out2 = plain.transformer.h[2](out1, rope)
+        m = _dense_weights(model.dense_in, out2)
+        mixed = (out2.double() + m[..., 0:1] * x0 + m[..., 1:2] * out1 + m[..., 2:3] * out2).float()
+        out3 = plain.transformer.h[3](mixed, rope)
+        n = _dense_weights(model.dense_out, out3)
+        final = (out3.double() + n[..., 0:1] * x0 + n[..., 1:2] * out1 + n[..., 2:3] * out2).float()
+        assert m.abs().mean() > 0.05 and n.abs().mean() > 0.05  # the mixes act
+        assert torch.allclose(model(idx)[0], plain.logits(plain.transformer.ln_f(final)), atol=1e-5)
+        fresh = build_model(GPTConfig(**SMALL, mudd=True, pos="rope")).eval()
+        plain.load_state_dict(fresh.state_dict(), strict=False)
+        assert not fresh.dense_in.proj.weight.any() and not fresh.dense_out.proj.bias.any()
+        assert torch.equal(fresh(idx)[0], plain(idx)[0])
 
 
 def test_attention_gate_equals_a_naive_per_head_loop():
@@ -248,7 +283,7 @@ def test_two_ddp_ranks_are_bit_identical_to_one_process(tmp_path):
 
 
 SWITCH_FLAGS = ["--n-layer", "4", "--pos", "rope", "--bigram-rows", str(ROWS), "--smear", "1", "--backout", "1",
-                "--attn-gate", "1", "--mtp", "2", "--max-steps", "4", "--val-every", "2", "--sample-every", "0",
+                "--mudd", "1", "--attn-gate", "1", "--mtp", "2", "--max-steps", "4", "--val-every", "2", "--sample-every", "0",
                 "--checkpoint-every", "0"]
 
 
@@ -263,7 +298,7 @@ def test_resume_is_exact_with_every_switch_on(shards, tmp_path):
         assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]  # bit-identical on CPU
     assert metrics(tmp_path, "straight")[0]["loss"] == metrics(tmp_path, "no-mtp")[0]["loss"]
     model = load_model(str(sorted((tmp_path / "resumed").glob("ckpt_*.pt"))[-1]))  # sample.py's way in
-    assert model.transformer.bigram.weight.any() and model.config.smear
+    assert model.transformer.bigram.weight.any() and model.config.smear and model.dense_out.proj.weight.any()
 
 
 def test_optimizer_roles_and_flops():
@@ -275,9 +310,14 @@ def test_optimizer_roles_and_flops():
     cfg, _ = parse_config(["--optimizer", "muon", "--muon-manifold", "stiefel", "--weight-decay", "0"])
     muon_params = {id(p) for group in build_optimizers(cfg, model, "cpu")[1].param_groups for p in group["params"]}
     assert not muon_params & {id(g.weight) for g in gates} and id(model.transformer.bigram.weight) not in muon_params
-    # the table is a lookup: FLOPs count the gates' matmuls only
+    dense = [m for c in (model.dense_in, model.dense_out) for m in (c.fc, c.proj)]
+    assert {id(p) for m in dense for p in m.parameters()} <= set(param_roles(model)) and all(
+        param_roles(model)[id(p)] == "gate" for m in dense for p in m.parameters())
+    assert not muon_params & {id(p) for m in dense for p in m.parameters()}
+    # the table is a lookup: FLOPs count the gates' and the dense connections' matmuls only
     plain = GPT(GPTConfig(**SMALL))
-    assert model.flops_per_token(16) == plain.flops_per_token(16) + 6 * sum(g.weight.numel() for g in gates)
+    extra = sum(m.weight.numel() for m in gates + dense)
+    assert model.flops_per_token(16) == plain.flops_per_token(16) + 6 * extra
     assert GPTConfig(mtp=3).is_gpt2 and not any(GPTConfig(**{k: v}).is_gpt2 for k, v in MINE.items() if k != "mtp")
 
 
@@ -285,6 +325,7 @@ REFUSED = [
     (dict(bigram_rows=1), "bigram_rows must be 0 .off. or >= 2"),
     (dict(bigram_rows=-3), "bigram_rows must be 0 .off. or >= 2"),
     (dict(backout=True, n_layer=3), "backout needs n_layer >= 4"),
+    (dict(mudd=True, n_layer=2), "mudd needs n_layer >= 3"),
     (dict(mtp=16), r"mtp must be in \[0, block_size\) = \[0, 16\)"),
     (dict(mtp=-1), r"mtp must be in \[0, block_size\)"),
     *[(dict(mode=mode, **{k: v}), "need mode gpt2") for mode in ("edm2", "hypersphere")
@@ -305,6 +346,6 @@ def test_refusals_on_the_command_line_and_outside_build_model(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--bigram-rows", "-5"])
     assert "--bigram-rows must be >= 0, got -5" in capsys.readouterr().err
-    for switch in (dict(bigram_rows=ROWS), dict(smear=True), dict(backout=True)):
+    for switch in (dict(bigram_rows=ROWS), dict(smear=True), dict(backout=True), dict(mudd=True)):
         with pytest.raises(ValueError, match="need the speedrun model"):
             GPT(GPTConfig(**SMALL, **switch))

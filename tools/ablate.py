@@ -187,6 +187,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "all": [*SPEEDRUN_BEFORE, "--bigram-rows", "50304", "--smear", "1", "--backout", "1", "--attn-gate", "1",
                 "--mtp", "2", "--tie-head", "1", "--untie-at", "0.667", "--seq-len-start", "32"],
     },
+    # the 2026 records' wins past speedrun2026's, each on the speedrun preset as it stands, at tiny's 300 steps: MUDD's
+    # dense connections (record #81), and the MLP's activation: modded-nanogpt's ReLU², then its LeakyReLU(0.5)²
+    "speedrun2026b": {
+        "speedrun": flags(SPEEDRUN),
+        "mudd": [*flags(SPEEDRUN), "--mudd", "1"],
+        "relu2": [*flags(SPEEDRUN), "--mlp", "relu2"],
+        "leaky-relu2": [*flags(SPEEDRUN), "--mlp", "leaky-relu2"],
+    },
     # the roadmap's verdicts at tuned lrs: each config swept over the lr that matters for it (--sweep, see the
     # docstring), on both corpora, then a second seed at each config's best
     "tuned": {
