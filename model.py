@@ -25,7 +25,8 @@ from gpt2.attention import AttentionMask, attention, attention_mask, yarn
 from gpt2.loss import chunked_loss, fused_loss, fused_wanted
 
 ARCH_CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "rope_scaling": ("none", "yarn"),
-                "mlp": ("gelu", "relu2", "leaky-relu2", "swiglu", "swiglu-oss"), "mode": ("gpt2", "edm2", "hypersphere"),
+                "mlp": ("gelu", "relu2", "leaky-relu2", "swiglu", "swiglu-oss"),
+                "mode": ("gpt2", "edm2", "hypersphere"),
                 "ve_gate": ("2sig32", "nanochat"), "x0_mix_init": ("identity", "nanochat"),
                 "edm2_storage": ("elements", "rows")}
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of the training loss (64 MB in fp32), see GPT.forward
@@ -130,8 +131,8 @@ class GPTConfig:
         if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm or self.bigram_rows
                                     or self.smear or self.backout or self.mudd or self.attn_gate):
             raise ValueError(f"value_embeds, unet, x0_mix, embed_norm, bigram_rows, smear, backout, mudd and attn_gate "
-                             f"need mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and the "
-                             "learned mixes and gates would undo them")
+                             f"need mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and "
+                             "the learned mixes and gates would undo them")
         if self.bigram_rows < 0 or self.bigram_rows == 1:
             raise ValueError(f"bigram_rows must be 0 (off) or >= 2 (one row is kept for a token without predecessor), "
                              f"got {self.bigram_rows}")

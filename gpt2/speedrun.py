@@ -182,7 +182,7 @@ class SpeedrunGPT(GPT):
 
     def blocks(self, x, idx, rope=None, cache=None, mask=None):
         x, bigram = self.pair_inputs(x, idx, cache)
-        x0, skips, L = x, [], self.config.n_layer
+        x0, skips, L, source = x, [], self.config.n_layer, None
         for i, block in enumerate(self.transformer.h):
             if self.config.mudd and i == L - 1:  # the last block reads the earlier states through its own mix
                 before_last = x

@@ -37,7 +37,7 @@ def test_dry_run_prints_every_row(tmp_path, capsys):
         ("train step", "gpt2-124m-speedrun (tiny) B=2 T=32"), ("train step", "gpt2-124m-speedrun (tiny) B=4 T=32"),
         ("train step", "gpt2-124m (tiny) B=2 T=32"), ("fused loss", "gpt2-124m (tiny) B=4 T=32"),
         ("moe step", "gpt2-124m (tiny) B=2 T=32"),
-        *[("switch step", "gpt2-124m-speedrun (tiny) B=2 T=32")] * 5,
+        *[("switch step", "gpt2-124m-speedrun (tiny) B=2 T=32")] * 6,
         ("checkpoint save", "gpt2-124m (tiny) model + AdamW state")]
     # the loop's loss on this device (chunked on the CPU), then the other one for gpt2-124m at the small batch
     assert [setting.split(", ")[-1] for _, setting, _, _ in rows[1:8]] == ["chunked loss"] * 6 + ["full loss"]
@@ -47,12 +47,12 @@ def test_dry_run_prints_every_row(tmp_path, capsys):
     assert re.fullmatch(r"grouped [\d.]+ vs dense [\d.]+ ms/step \([\d,]+ vs [\d,]+ tok/s, [+-][\d.]+% grouped\)",
                         rows[9][2]), rows[9][2]
     assert rows[9][1].endswith("8 swiglu-oss experts top-2, float32, chunked loss, grouped vs dense")
-    assert [setting.split(", + ")[1] for _, setting, _, _ in rows[10:15]] == [
-        "bigram (--bigram-rows 754560)", "smear (--smear 1)", "backout (--backout 1)", "attn-gate (--attn-gate 1)",
-        "mtp 2 (--mtp 2)"]
+    assert [setting.split(", + ")[1] for _, setting, _, _ in rows[10:16]] == [
+        "bigram (--bigram-rows 754560)", "smear (--smear 1)", "backout (--backout 1)", "mudd (--mudd 1)",
+        "attn-gate (--attn-gate 1)", "mtp 2 (--mtp 2)"]
     assert all(re.fullmatch(r"[\d.]+ vs [\d.]+ ms/step without it \([\d,]+ vs [\d,]+ tok/s, [+-][\d.]+% time\)", r[2])
-               for r in rows[10:15]), rows[10:15]
-    assert "MB in" in rows[15][2]
+               for r in rows[10:16]), rows[10:16]
+    assert "MB in" in rows[16][2]
     assert all(float(seconds) >= 0 for *_, seconds in rows)
     assert list(tmp_path.iterdir()) == []  # the timed checkpoints are gone
     assert "[gpu_check] checkpoint save" in err  # progress, with each section's time, on stderr
@@ -71,8 +71,8 @@ def test_failed_section_is_reported_and_the_rest_still_runs(tmp_path, monkeypatc
     assert rows[0][2] == "1 failed: tests/test_cuda.py::x"
     oom = "failed: RuntimeError: CUDA out of memory. Tried to allocate 6.00 GiB"
     assert all(r[2] == oom for r in rows[1:8]) and rows[9][2] == oom  # the train steps and the experts' row
-    assert all(r[2] == oom for r in rows[10:15])  # the switches' rows
-    assert "MB in" in rows[15][2] and "a check FAILED" in out
+    assert all(r[2] == oom for r in rows[10:16])  # the switches' rows
+    assert "MB in" in rows[16][2] and "a check FAILED" in out
 
 
 def test_only_runs_the_named_sections(tmp_path, capsys):
@@ -130,7 +130,7 @@ def test_switch_rows_time_each_switch_against_the_preset_measured_once(monkeypat
     def measure(cfg, device, steps, warmup, loss_mode, fused=False, moe_dense=False):
         m = cfg.model
         on = [name for name, value in (("bigram", m.bigram_rows), ("smear", m.smear), ("backout", m.backout),
-                                       ("attn-gate", m.attn_gate), ("mtp", m.mtp)) if value]
+                                       ("mudd", m.mudd), ("attn-gate", m.attn_gate), ("mtp", m.mtp)) if value]
         measured.append((cfg.batch_size, m.n_layer, tuple(on)))
         ms = 100.0 + 10 * len(measured)
         return {"step_ms": ms, "tok_per_s": 32768 / ms * 1000, "mem_gb": 10.0 + len(measured)}
@@ -139,7 +139,7 @@ def test_switch_rows_time_each_switch_against_the_preset_measured_once(monkeypat
     args = argparse.Namespace(dry_run=True, only="switch-step", test_timeout=1, log_dir="unused")
     results = [run() for _, _, run in gpu_check.sections(args, torch.device("cpu"))]
     assert measured == [(2, 4, ()), (2, 4, ("bigram",)), (2, 4, ("smear",)), (2, 4, ("backout",)),
-                        (2, 4, ("attn-gate",)), (2, 4, ("mtp",))]
+                        (2, 4, ("mudd",)), (2, 4, ("attn-gate",)), (2, 4, ("mtp",))]
     # the preset took 110 ms, the bigram row 120 ms: 120 / 110 - 1 = +9.1%; 32768 tokens / 0.12 s = 273,067 tok/s
     assert results[0] == ("120.0 vs 110.0 ms/step without it (273,067 vs 297,891 tok/s, +9.1% time), "
                           "peak 12.00 vs 11.00 GiB", True)

@@ -245,7 +245,8 @@ def test_nanochat_gate_and_x0_ramps_at_init_and_in_the_forward():
     (["--ve-gate", "nanochat"], "acts on value_embeds only"),
     (["--qk-norm-scale", "1.2"], "turn it on (--qk-norm 1)"),
     (["--x0-mix-init", "nanochat", "--value-embeds", "1"], "acts on x0_mix only"),
-    (["--preset", "tiny-edm2", "--embed-norm", "1"], "embed_norm, bigram_rows, smear, backout, mudd and attn_gate need mode gpt2"),
+    (["--preset", "tiny-edm2", "--embed-norm", "1"],
+     "embed_norm, bigram_rows, smear, backout, mudd and attn_gate need mode gpt2"),
 ])
 def test_bad_role_and_nanochat_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit):

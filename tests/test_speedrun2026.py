@@ -1,6 +1,6 @@
-"""The 2025-26 speedrun switches (bigram hash embedding, smear, backout, MUDD's dense connections, attention output
-gates, multi-token prediction) against plain-Python and naive references and hand-unrolled forwards; KV-cache decoding, torch.compile,
-two DDP ranks and a resume with all of them on; every refusal."""
+"""The 2025-26 speedrun switches (bigram hash embedding, smear, backout, MUDD's dense connections, attention
+output gates, multi-token prediction) against plain-Python and naive references and hand-unrolled forwards;
+KV-cache decoding, torch.compile, two DDP ranks and a resume with all of them on; every refusal."""
 
 import math
 
@@ -283,8 +283,8 @@ def test_two_ddp_ranks_are_bit_identical_to_one_process(tmp_path):
 
 
 SWITCH_FLAGS = ["--n-layer", "4", "--pos", "rope", "--bigram-rows", str(ROWS), "--smear", "1", "--backout", "1",
-                "--mudd", "1", "--attn-gate", "1", "--mtp", "2", "--max-steps", "4", "--val-every", "2", "--sample-every", "0",
-                "--checkpoint-every", "0"]
+                "--mudd", "1", "--attn-gate", "1", "--mtp", "2", "--max-steps", "4", "--val-every", "2",
+                "--sample-every", "0", "--checkpoint-every", "0"]
 
 
 def test_resume_is_exact_with_every_switch_on(shards, tmp_path):

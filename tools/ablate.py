@@ -192,6 +192,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "speedrun2026b": {
         "speedrun": flags(SPEEDRUN),
         "mudd": [*flags(SPEEDRUN), "--mudd", "1"],
+        # the record's Adam for the dense connections: a quarter of the lr, betas (0.9, 0.99) (train_gpt.py @ f411b3d
+        # param_table); in this preset they are the gate role's only parameters
+        "mudd-anchor": [*flags(SPEEDRUN), "--mudd", "1", "--adam-gate-lr", "7.5e-4", "--adam-gate-beta2", "0.99"],
         "relu2": [*flags(SPEEDRUN), "--mlp", "relu2"],
         "leaky-relu2": [*flags(SPEEDRUN), "--mlp", "leaky-relu2"],
     },

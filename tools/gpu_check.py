@@ -49,7 +49,7 @@ DRY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "
 MOE = ["--mlp", "swiglu-oss", "--moe-experts", "8", "--moe-top-k", "2"]  # the experts of tools/ablate.py's moe suite
 # the 2025-26 records' switches at their records' sizes (README's table): each a row of the switch-step check
 SWITCHES = {"bigram": ["--bigram-rows", "754560"], "smear": ["--smear", "1"], "backout": ["--backout", "1"],
-            "attn-gate": ["--attn-gate", "1"], "mtp 2": ["--mtp", "2"]}
+            "mudd": ["--mudd", "1"], "attn-gate": ["--attn-gate", "1"], "mtp 2": ["--mtp", "2"]}
 # --only's names: the check column's
 CHECKS = ("cuda-tests", "train-step", "fused-loss", "moe-step", "switch-step", "checkpoint-save")
 
