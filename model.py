@@ -307,7 +307,7 @@ class MLP(nn.Module):
             return F.gelu(h, approximate="tanh")
         if self.kind == "relu2":
             return F.relu(h).square()
-        if self.kind == "leaky-relu2":  # a quarter of the squared negative side stays, and its gradient
+        if self.kind == "leaky-relu2":  # negative inputs keep (0.5 x)^2 and a gradient, where relu2 zeroes both
             return F.leaky_relu(h, LEAKY_SLOPE).square()
         # gate and linear halves side by side (gpt-oss interleaves them: a row permutation, for loading its weights)
         gate, up = h.chunk(2, dim=-1)
