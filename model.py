@@ -128,8 +128,7 @@ class GPTConfig:
             if getattr(self, name) != default and not getattr(self, needs):
                 raise ValueError(f"{name} {getattr(self, name)!r} acts on {needs} only: turn it on (--"
                                  f"{needs.replace('_', '-')} 1) or leave {name} at {default!r}")
-        if self.mode != "gpt2" and (self.value_embeds or self.unet or self.x0_mix or self.embed_norm or self.bigram_rows
-                                    or self.smear or self.backout or self.mudd or self.attn_gate):
+        if self.mode != "gpt2" and (self.residual_parts or self.embed_norm or self.attn_gate):
             raise ValueError(f"value_embeds, unet, x0_mix, embed_norm, bigram_rows, smear, backout, mudd and attn_gate "
                              f"need mode gpt2: {self.mode} sets the unit magnitudes itself (of its embedding too), and "
                              "the learned mixes and gates would undo them")
@@ -165,6 +164,11 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def residual_parts(self) -> bool:
+        """True when a switch that gpt2/speedrun.py's SpeedrunGPT builds is on (gpt2.models.build_model picks it)."""
+        return any((self.value_embeds, self.unet, self.x0_mix, self.bigram_rows, self.smear, self.backout, self.mudd))
 
     @property
     def is_gpt2(self) -> bool:
@@ -363,8 +367,7 @@ class GPT(nn.Module):
     def add_residual_parts(self, config: GPTConfig):
         """A subclass registers the modules its `blocks` adds to the residual stream here, before the head and the
         init: the parameter order (the checkpoints') and the random init then follow the module tree."""
-        if any((config.value_embeds, config.unet, config.x0_mix, config.bigram_rows, config.smear, config.backout,
-                config.mudd)):
+        if config.residual_parts:
             raise ValueError("value_embeds, unet, x0_mix, bigram_rows, smear, backout and mudd need the speedrun model "
                              "(gpt2.speedrun.SpeedrunGPT): build it with gpt2.models.build_model")
 

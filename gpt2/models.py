@@ -22,12 +22,10 @@ class MoESpeedrunGPT(SpeedrunGPT, MoEGPT):
 
 def build_model(config: GPTConfig, loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> GPT:
     """The model that config.mode names: GPT-2 itself or one of the constrained variants; with mixture-of-experts
-    MLPs when config.moe_experts > 0, with the speedrun parts when value_embeds, unet, x0_mix, bigram_rows, smear,
-    backout or mudd is on (both need mode gpt2)."""
-    speedrun = any((config.value_embeds, config.unet, config.x0_mix, config.bigram_rows, config.smear, config.backout,
-                    config.mudd))
+    MLPs when config.moe_experts > 0, with the speedrun parts when config.residual_parts (value_embeds, unet, x0_mix,
+    bigram_rows, smear, backout or mudd is on; both need mode gpt2)."""
     if config.moe_experts:
-        return (MoESpeedrunGPT if speedrun else MoEGPT)(config, loss_chunk_elements)
-    if speedrun:
+        return (MoESpeedrunGPT if config.residual_parts else MoEGPT)(config, loss_chunk_elements)
+    if config.residual_parts:
         return SpeedrunGPT(config, loss_chunk_elements)
     return MODELS[config.mode](config, loss_chunk_elements)
